@@ -1,0 +1,35 @@
+# make install : .venv with everything (CPU torch 2.13.0 here; on a node with an NVIDIA driver, the CUDA torch pip finds)
+# make test    : the test suite (what .ci/run calls)
+# make demo    : the built-in SfN lab end to end on CPU (installs first if needed)
+PYTHON ?= python3
+VENV   ?= .venv
+PIP    := $(VENV)/bin/pip
+
+.PHONY: install test test-fast demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# Pin torch first: an unpinned torch pulls a multi-GB CUDA build on CPU-only machines, and the later install
+	@# must never upgrade it (pip leaves an already satisfied torch>=2.13 alone).
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install -q "torch>=2.13.0"; \
+	else \
+		$(PIP) install -q torch==2.13.0; \
+	fi
+	DS_BUILD_OPS=0 $(PIP) install -q -e ".[test]"
+	touch $@
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+demo: install
+	$(VENV)/bin/sfn lab
+
+clean:
+	rm -rf $(VENV) lab runs

@@ -1,0 +1,61 @@
+"""The `sfn` console script: one sub-command per job, each a thin wrapper over a library function.
+
+Every sub-command receives its own argv. A user mistake (`SfnError`, a bad recipe) prints one line and exits 2;
+`--debug` anywhere on the command line shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .errors import SfnError
+
+# name -> (module, function taking argv and returning an exit code, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("sfn_train.train", "cli_main", "fine-tune the named modules (TRL SFT; recipe YAML + flags)"),
+    "select": ("sfn_train.train", "select_cli_main", "print which tensors a selection trains, without training"),
+    "delta": ("sfn_train.gadgets.cli", "delta_main", "per-module weight change between two checkpoints"),
+    "merge": ("sfn_train.gadgets.cli", "merge_main", "BASE with the selected modules taken from DONOR"),
+    "destroy": ("sfn_train.gadgets.cli", "destroy_main", "zero / reinit / remove / perturb selected modules"),
+    "plugin": ("sfn_train.gadgets.cli", "plugin_main", "extract or apply a plugin file of selected tensors"),
+    "eval": ("sfn_train.evaluation.cli", "eval_main", "generate and grade checkpoints on tasks"),
+    "compare": ("sfn_train.evaluation.cli", "compare_main", "compare eval results against a baseline"),
+    "grade": ("sfn_train.evaluation.cli", "grade_main", "grade responses made elsewhere"),
+    "lab": ("sfn_train.lab", "cli_main", "the built-in SfN study at small scale, end to end on CPU"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: sfn COMMAND [args] [--debug]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"sfn: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(rest) or 0)
+    except SfnError as exc:
+        if debug:
+            raise
+        print(f"sfn {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sfn {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Tiny models and a local tokenizer, built from configs with no downloads.
+
+Used by the lab (its base model) and by the tests (fixtures for every supported architecture). The tokenizer is
+character-level: exact, tiny, and enough for the lab's arithmetic text. Its ChatML template marks assistant turns with
+`{% generation %}` so that TRL's `assistant_only_loss` works on it.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{%- else %}{{ message['content'] + '<|im_end|>' }}{%- endif %}"
+    "{{ '\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer over printable ASCII plus ChatML specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(arch: str = "qwen2", vocab_size: int = 128, hidden: int = 64, layers: int = 4, **overrides):
+    """A small config of the named family (qwen2, llama, qwen3, gpt_neox, gpt2, phi, falcon, mistral)."""
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab_size, **overrides)
+    if arch == "gpt2":
+        kw = dict(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512)
+    elif arch == "gpt_neox":
+        kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=hidden * 2,
+                  max_position_embeddings=512)
+    elif arch == "falcon":
+        kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, new_decoder_architecture=False,
+                  multi_query=False, parallel_attn=False, bias=True)
+    elif arch == "phi":
+        kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=hidden * 2,
+                  max_position_embeddings=512)
+    else:  # llama-like: qwen2, qwen3, llama, mistral
+        kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=hidden * 2, max_position_embeddings=512)
+        if arch == "qwen3":
+            kw["head_dim"] = hidden // 4
+    kw.update(common)
+    return AutoConfig.for_model(arch, **kw)
+
+
+def tiny_model(arch: str = "qwen2", seed: int = 0, **config_overrides):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **config_overrides)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager" if arch in ("gpt2", "falcon") else None)
+
+
+def save_tiny_checkpoint(out: str | Path, arch: str = "qwen2", seed: int = 0, dtype=None, max_shard_size=None,
+                         **config_overrides) -> Path:
+    """Write a complete HF checkpoint folder (weights, config, tokenizer, generation config)."""
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    model = tiny_model(arch, seed=seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, **config_overrides)
+    if dtype is not None:
+        model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,408 @@
+"""Module-selective SFT: TRL's SFTTrainer with every parameter frozen except the modules a recipe names.
+
+    sfn train --config recipes/lab/oproj.yaml [--key value ...]
+    torchrun --nproc_per_node 8 train/sft.py --config recipes/qwen2.5-math-1.5b/oproj_s1k.yaml
+    accelerate launch --config_file ds_configs/accelerate_zero3.yaml train/sft.py --config recipes/...yaml
+
+The output folder holds a normal HF checkpoint, `sfn_plugin.safetensors` (only the trained tensors) and
+`sfn_manifest.json` (resolved recipe, trainable tensors, base fingerprint, versions, git revision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import SfnError
+
+logger = logging.getLogger("sfn_train")
+
+FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Start-up decisions, each made once and logged
+# --------------------------------------------------------------------------------------------------------------------
+def resolve_attention(model_args, training_args) -> dict:
+    """Pick the attention kernel once, and keep padding-free batching only where the kernel supports it.
+
+    FlashAttention needs a CUDA GPU and the flash-attn package; without them we fall back to sdpa with a logged
+    reason instead of a stack trace at the first forward. Padding-free batches (and TRL's BFD packing, which implies
+    them) are only correct with a varlen FlashAttention kernel: with sdpa or eager the loss silently mixes sequences
+    (trl #2834), so they are switched off with a warning.
+    """
+    import importlib.util
+
+    import torch
+
+    requested = model_args.attn_implementation
+    used, reason = requested, None
+    if requested in FLASH_IMPLEMENTATIONS:
+        package = "flash_attn_interface" if requested == "flash_attention_3" else "flash_attn"
+        if not torch.cuda.is_available():
+            used, reason = "sdpa", f"{requested} needs a CUDA GPU and none is visible"
+        elif importlib.util.find_spec(package) is None:
+            used, reason = "sdpa", f"{requested} needs the {package} package (pip install 'sfn-train[flash]')"
+    if reason:
+        logger.warning("attention: %s; falling back to sdpa.", reason)
+        model_args.attn_implementation = used
+    flash = used in FLASH_IMPLEMENTATIONS
+    if not flash and training_args.padding_free:
+        logger.warning("padding_free needs a FlashAttention kernel (attention is %s): disabled.", used or "default")
+        training_args.padding_free = False
+    if not flash and training_args.packing and training_args.packing_strategy in ("bfd", "bfd_split"):
+        logger.warning(
+            "packing with strategy %s makes padding-free batches, which need a FlashAttention kernel "
+            "(attention is %s): packing disabled.", training_args.packing_strategy, used or "default")
+        training_args.packing = False
+    return {"requested": requested, "used": used, "fallback_reason": reason,
+            "padding_free": training_args.padding_free, "packing": training_args.packing}
+
+
+def deepspeed_stage(training_args) -> int | None:
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    if config is None:
+        return None
+    return int(config.config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_run_setup(training_args, model_args, sfn_args) -> None:
+    """Refuse, before any model is loaded, the combinations that would waste a run or fail late."""
+    if sfn_args.quantize_frozen != "none":
+        raise SfnError(
+            f"quantize_frozen: {sfn_args.quantize_frozen} is not yet supported (issue 6 delivers it); "
+            "use quantize_frozen: none."
+        )
+    if getattr(model_args, "use_peft", False):
+        raise SfnError("use_peft is set, but sfn-train trains the real weights of the named modules: remove use_peft "
+                       "(for LoRA use TRL's own sft script).")
+    if deepspeed_stage(training_args) == 3:
+        zero = training_args.hf_deepspeed_config.config["zero_optimization"]
+        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+            raise SfnError(
+                "DeepSpeed ZeRO-3 config lacks `stage3_gather_16bit_weights_on_model_save: true`: the saved "
+                "checkpoint would hold empty tensors; set it in the DeepSpeed config (ds_configs/zero3.json does)."
+            )
+
+
+def resume_target(training_args) -> bool | str | None:
+    """`resume_from_checkpoint: true` means the latest complete checkpoint in output_dir, as in TRL's scripts."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() == "true":
+        return True
+    if not Path(value).is_dir():
+        raise SfnError(f"resume_from_checkpoint {value} is not a checkpoint folder: pass one, or `true` for the latest.")
+    return value
+
+
+def init_distributed(training_args) -> None:
+    """Set up the process group before the model is loaded, so that ZeRO-3 partitions it in `from_pretrained`.
+
+    `training_args.device` starts torch.distributed (gloo with `use_cpu`). On GPU the HF Trainer also starts
+    DeepSpeed's communication layer there; with `use_cpu` it does not, and ZeRO-3 would then see a world of one, so
+    we start it ourselves on top of the existing group.
+    """
+    _ = training_args.device
+    if training_args.deepspeed:
+        import deepspeed
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else None)
+
+
+def check_output_dir(training_args, sfn_args, resuming: bool) -> None:
+    out = Path(training_args.output_dir)
+    if out.exists() and any(out.iterdir()) and not resuming and not sfn_args.overwrite_output_dir:
+        raise SfnError(
+            f"output_dir {out} exists and is not empty: choose another output_dir, resume with "
+            "`resume_from_checkpoint: true`, or set `overwrite_output_dir: true`."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model, selection, data
+# --------------------------------------------------------------------------------------------------------------------
+def load_tokenizer(model_args, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision,
+        trust_remote_code=trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_args, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = model_args.dtype
+    if dtype not in (None, "auto"):
+        dtype = getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
+        attn_implementation=model_args.attn_implementation, trust_remote_code=trust_remote_code,
+    )
+
+
+def configure_activation_checkpointing(model, training_args) -> None:
+    """Make activation checkpointing give gradients when the layer inputs are frozen.
+
+    Reentrant checkpointing returns no gradient for a checkpointed block whose inputs do not require grad -- the case
+    whenever the embeddings are frozen (transformers #21381/#23170) -- so o_proj would silently never train. We use
+    non-reentrant checkpointing; a recipe that insists on reentrant gets `enable_input_require_grads()` instead.
+    """
+    if not training_args.gradient_checkpointing:
+        return
+    kwargs = dict(training_args.gradient_checkpointing_kwargs or {})
+    if kwargs.get("use_reentrant"):
+        model.enable_input_require_grads()
+        logger.info("activation checkpointing: reentrant (as the recipe asks), with input gradients enabled.")
+    else:
+        kwargs["use_reentrant"] = False
+    training_args.gradient_checkpointing_kwargs = kwargs
+    training_args.activation_checkpointing_kwargs = kwargs
+
+
+def freeze(model, sfn_args) -> dict:
+    from .roles import apply_freeze, numel, select_parameters
+
+    trainable = select_parameters(model, sfn_args.trainable_modules, sfn_args.trainable_layers)
+    n_train, n_total = apply_freeze(model, trainable)
+    shapes = {name: list(getattr(p, "ds_shape", None) or p.shape) for name, p in model.named_parameters()}
+    logger.info("trainable: %s of %s params (%.2f%%) in %d tensors", f"{n_train:,}", f"{n_total:,}",
+                100 * n_train / n_total, len(trainable))
+    for name in trainable:
+        logger.debug("trainable tensor: %s %s", name, shapes[name])
+    return {
+        "trainable_modules": sfn_args.trainable_modules,
+        "trainable_layers": sfn_args.trainable_layers,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "trainable_fraction": n_train / n_total,
+        "trainable_tensors": trainable,
+        "numel": {name: numel(p) for name, p in model.named_parameters() if name in set(trainable)},
+    }
+
+
+def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
+    from .data import load_rows, prepare_dataset
+
+    if not script_args.dataset_name:
+        raise SfnError("dataset_name is not set: give a .jsonl/.json/.parquet file, a save_to_disk folder or a hub id.")
+    rows = load_rows(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    chat = sfn_args.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+    dataset = prepare_dataset(rows, prompt_template=sfn_args.prompt_template,
+                              completion_template=sfn_args.completion_template, chat_template=chat,
+                              assistant_only_loss=training_args.assistant_only_loss)
+    if training_args.assistant_only_loss and not getattr(tokenizer, "chat_template", None):
+        raise SfnError("assistant_only_loss needs a chat template, and this tokenizer has none: set "
+                       "assistant_only_loss: false or use a model whose tokenizer defines one.")
+    if "messages" in dataset.column_names and not getattr(tokenizer, "chat_template", None):
+        raise SfnError("the dataset has `messages` conversations but the tokenizer has no chat template: use a chat "
+                       "model's tokenizer or give prompt/completion text rows.")
+    return dataset
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------------
+def base_fingerprint(model_args) -> str | None:
+    from .checkpoint import fingerprint
+
+    try:
+        return fingerprint(model_args.model_name_or_path)
+    except SfnError as exc:
+        logger.warning("base fingerprint unavailable: %s", exc)
+        return None
+
+
+def write_plugin_from_checkpoint(output_dir: Path, selection: dict, fingerprint: str | None) -> Path:
+    """Copy the trained tensors out of the saved (gathered) checkpoint into `sfn_plugin.safetensors`."""
+    from .checkpoint import Checkpoint
+    from .plugin import PLUGIN_FILE, write_plugin
+
+    saved = Checkpoint(output_dir)
+    missing = [n for n in selection["trainable_tensors"] if n not in saved.tensors]
+    if missing:
+        raise SfnError(f"the saved checkpoint in {output_dir} lacks trained tensors {missing[:3]}: it is incomplete.")
+    tensors = {name: saved.tensor(name) for name in selection["trainable_tensors"]}
+    empty = [n for n, t in tensors.items() if t.numel() == 0]
+    if empty:
+        raise SfnError(f"the saved checkpoint holds empty tensors ({empty[0]}): under ZeRO-3 set "
+                       "stage3_gather_16bit_weights_on_model_save: true.")
+    return write_plugin(output_dir / PLUGIN_FILE, tensors, base_fingerprint=fingerprint or "",
+                        modules=selection["trainable_modules"], layers=selection["trainable_layers"],
+                        source=str(output_dir))
+
+
+def build_manifest(args, selection, attention, fingerprint, status, metrics=None) -> dict:
+    from . import __version__
+    from .manifest import git_revision, versions
+
+    script_args, training_args, model_args, sfn_args = args
+    return {
+        "sfn_train_version": __version__,
+        "status": status,
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "recipe": {
+            "script": dataclasses.asdict(script_args),
+            "training": training_args.to_dict(),
+            "model": dataclasses.asdict(model_args),
+            "sfn": dataclasses.asdict(sfn_args),
+        },
+        "base": {"model_name_or_path": model_args.model_name_or_path, "fingerprint": fingerprint},
+        "selection": {k: v for k, v in selection.items() if k != "numel"},
+        "attention": attention,
+        "world_size": training_args.world_size,
+        "deepspeed_stage": deepspeed_stage(training_args),
+        "metrics": metrics or {},
+        "versions": versions(),
+        "git": git_revision(),
+    }
+
+
+def setup_logging(training_args) -> None:
+    import transformers
+
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, level=logging.WARNING)
+    logger.setLevel(level)
+    transformers.utils.logging.set_verbosity(logging.WARNING)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------------------------
+def run_sft(script_args, training_args, model_args, sfn_args) -> Path:
+    """Train the selected modules; return the output folder."""
+    from accelerate import PartialState
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from .manifest import MANIFEST_FILE, write_json
+
+    setup_logging(training_args)
+    args = (script_args, training_args, model_args, sfn_args)
+
+    ################
+    # Checks and start-up decisions (before anything is loaded or written)
+    ################
+    if not model_args.model_name_or_path:
+        raise SfnError("model_name_or_path is not set: give a local checkpoint folder or a hub id.")
+    check_run_setup(training_args, model_args, sfn_args)
+    resume = resume_target(training_args)
+    check_output_dir(training_args, sfn_args, resuming=resume is not None)
+    attention = resolve_attention(model_args, training_args)
+    init_distributed(training_args)
+    set_seed(training_args.seed)
+
+    ################
+    # Tokenizer and dataset (checked before the model, which may take minutes to load)
+    ################
+    # trust_remote_code stays False unless the recipe sets it: loading a checkpoint must not run its code.
+    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code)
+    train_dataset = load_train_dataset(script_args, training_args, sfn_args, tokenizer)
+
+    ################
+    # Model and selection
+    ################
+    model = load_model(model_args, training_args.trust_remote_code)
+    selection = freeze(model, sfn_args)
+    configure_activation_checkpointing(model, training_args)
+
+    ################
+    # Manifest, written once every rank has passed the checks above
+    ################
+    output_dir = Path(training_args.output_dir)
+    state = PartialState()
+    fingerprint = base_fingerprint(model_args) if state.is_main_process else None
+    state.wait_for_everyone()
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "running"))
+
+    ################
+    # Training
+    ################
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer)
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except ValueError as exc:
+        if "No valid checkpoint" in str(exc):
+            raise SfnError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-* folder: "
+                           "start without resuming.") from None
+        raise
+    metrics = {**result.metrics, "wall_s": time.perf_counter() - started}
+
+    ################
+    # Save model, plugin and manifest
+    ################
+    trainer.save_model(str(output_dir))
+    state.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        # The Trainer pickles its arguments next to the weights; the manifest records them as JSON instead.
+        (output_dir / "training_args.bin").unlink(missing_ok=True)
+        write_plugin_from_checkpoint(output_dir, selection, fingerprint)
+        write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "complete",
+                                                              metrics))
+        logger.info("saved checkpoint, plugin and manifest to %s", output_dir)
+    state.wait_for_everyone()
+    return output_dir
+
+
+def cli_main(argv: list[str]) -> int:
+    from .config import parse_recipe, print_help
+
+    if not argv or "-h" in argv or "--help" in argv:
+        print("usage: sfn train --config RECIPE.yaml [--key value ...]   (every recipe key is also a flag)\n")
+        print_help()
+        return 0
+    run_sft(*parse_recipe(argv))
+    return 0
+
+
+def select_cli_main(argv: list[str]) -> int:
+    """`sfn select MODEL --modules o_proj --layers 0-3`: the trainable tensors, computed on a meta-device model."""
+    import argparse
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .roles import apply_freeze, select_parameters
+
+    parser = argparse.ArgumentParser(prog="sfn select", description=select_cli_main.__doc__)
+    parser.add_argument("model", help="checkpoint folder or hub id (only its config is read)")
+    parser.add_argument("--modules", default="o_proj", help="comma-separated roles or regexes, or `all`")
+    parser.add_argument("--layers", default="all", help="`all`, a range `0-11`, or `3,5`")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    ns = parser.parse_args(argv)
+    try:
+        config = AutoConfig.from_pretrained(ns.model, trust_remote_code=ns.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SfnError(f"cannot read the config of {ns.model} ({str(exc).splitlines()[0][:160]}).") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=ns.trust_remote_code)
+    names = select_parameters(model, ns.modules.split(","), ns.layers.split(","))
+    n_train, n_total = apply_freeze(model, names)
+    shapes = dict(model.named_parameters())
+    for name in names:
+        print(f"{name}\t{list(shapes[name].shape)}")
+    print(f"trainable: {n_train:,} of {n_total:,} params ({100 * n_train / n_total:.2f}%) in {len(names)} tensors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))

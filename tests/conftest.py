@@ -1,0 +1,94 @@
+"""Fixtures: tiny checkpoints built from configs (random weights, local tokenizer) and small datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def qwen2_base(tmp_path_factory) -> Path:
+    from sfn_train.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen2", "qwen2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def llama_tied_base(tmp_path_factory) -> Path:
+    from sfn_train.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama", seed=1, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def sum_data(tmp_path_factory) -> Path:
+    """32 prompt/completion rows of the lab's reasoning style."""
+    from sfn_train.lab.problems import generate, sft_rows, write_jsonl
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    return write_jsonl(path, sft_rows(generate(32, (2, 3), seed=0), "reasoning"))
+
+
+def write_recipe(path: Path, **keys) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(keys, sort_keys=False))
+    return path
+
+
+def train_recipe(tmp_path: Path, base: Path, data: Path, **overrides) -> Path:
+    """A small, fast recipe: 4 steps at a high learning rate so every trained tensor visibly moves."""
+    keys = dict(
+        model_name_or_path=str(base),
+        dataset_name=str(data),
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1.0e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        max_length=256,
+    )
+    keys.update(overrides)
+    return write_recipe(tmp_path / "recipe.yaml", **keys)
+
+
+def load_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        if file.name != "sfn_plugin.safetensors":
+            tensors.update(load_file(file))
+    return tensors
+
+
+def changed_tensors(before: Path, after: Path) -> tuple[set[str], set[str]]:
+    """(names whose values changed, names bitwise identical) between two checkpoints with the same tensors."""
+    import torch
+
+    a, b = load_tensors(before), load_tensors(after)
+    assert set(a) == set(b), f"tensor names differ: {set(a) ^ set(b)}"
+    changed = {n for n in a if not torch.equal(a[n], b[n])}
+    return changed, set(a) - changed
+
+
+def one_line_error(capsys) -> str:
+    """The single `sfn CMD: error: ...` line of a failed command (progress bars may precede it; no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("sfn ")]
+    assert len(lines) == 1, f"expected one error line, got: {lines}"
+    assert ": error: " in lines[0]
+    return lines[0]

@@ -1,0 +1,223 @@
+"""The Freeze trainer: exactly the selected tensors change; everything else is bitwise the base."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from conftest import changed_tensors, load_tensors, one_line_error, train_recipe
+from sfn_train.cli import main
+from sfn_train.roles import select_names
+
+O_PROJ = {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(4)}
+
+
+def train(tmp_path, base, data, *flags, **keys):
+    recipe = train_recipe(tmp_path, base, data, **keys)
+    rc = main(["train", "--config", str(recipe), *flags])
+    assert rc == 0
+    return tmp_path / "out"
+
+
+def test_default_trains_only_o_proj(tmp_path, qwen2_base, sum_data, caplog):
+    caplog.set_level(logging.INFO, logger="sfn_train")
+    out = train(tmp_path, qwen2_base, sum_data)
+    changed, unchanged = changed_tensors(qwen2_base, out)
+    assert changed == O_PROJ
+    assert "model.layers.0.self_attn.q_proj.weight" in unchanged and "lm_head.weight" in unchanged
+    assert "trainable: 16,384 of 161,344 params (10.15%) in 4 tensors" in caplog.text
+
+    manifest = json.loads((out / "sfn_manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert set(manifest["selection"]["trainable_tensors"]) == O_PROJ
+    assert manifest["selection"]["trainable_params"] == 16384
+    assert manifest["base"]["fingerprint"].startswith("sha256:")
+    assert manifest["recipe"]["sfn"]["trainable_modules"] == ["o_proj"]
+    assert manifest["versions"]["trl"] and manifest["versions"]["torch"]
+    assert "git" in manifest
+    assert not (out / "training_args.bin").exists()  # no pickles in the output
+
+
+def test_plugin_holds_exactly_the_trained_tensors_and_rebuilds_the_checkpoint(tmp_path, qwen2_base, sum_data):
+    from safetensors.torch import load_file
+
+    from sfn_train.checkpoint import fingerprint
+    from sfn_train.plugin import read_plugin_metadata
+
+    out = train(tmp_path, qwen2_base, sum_data)
+    plugin = load_file(out / "sfn_plugin.safetensors")
+    assert set(plugin) == O_PROJ
+    meta = read_plugin_metadata(out / "sfn_plugin.safetensors")
+    assert meta["base_fingerprint"] == fingerprint(qwen2_base)
+    rebuilt = {**load_tensors(qwen2_base), **plugin}
+    tuned = load_tensors(out)
+    assert all(torch.equal(rebuilt[n], tuned[n]) for n in tuned)
+
+
+def test_trainable_layers_flag_overrides_the_recipe(tmp_path, qwen2_base, sum_data):
+    out = train(tmp_path, qwen2_base, sum_data, "--trainable_layers", "1-2", trainable_layers="all")
+    changed, _ = changed_tensors(qwen2_base, out)
+    assert changed == {"model.layers.1.self_attn.o_proj.weight", "model.layers.2.self_attn.o_proj.weight"}
+
+
+def test_several_roles_and_layer_list(tmp_path, qwen2_base, sum_data):
+    out = train(tmp_path, qwen2_base, sum_data, trainable_modules=["q_proj", "down_proj"], trainable_layers=[0, 3])
+    changed, _ = changed_tensors(qwen2_base, out)
+    names = list(load_tensors(qwen2_base))
+    assert changed == set(select_names(names, ["q_proj", "down_proj"], [0, 3]))
+    assert "model.layers.0.self_attn.q_proj.bias" in changed
+
+
+def test_all_is_a_full_fine_tune(tmp_path, qwen2_base, sum_data):
+    out = train(tmp_path, qwen2_base, sum_data, trainable_modules="all")
+    changed, unchanged = changed_tensors(qwen2_base, out)
+    assert unchanged == set() and len(changed) == 51
+
+
+def test_paper_f1_on_tied_llama(tmp_path, llama_tied_base, sum_data):
+    """F1 = embed + lm_head + norms; on a tied model lm_head *is* the embedding matrix."""
+    out = train(tmp_path, llama_tied_base, sum_data, trainable_modules=["embed", "lm_head", "norm"])
+    changed, _ = changed_tensors(llama_tied_base, out)
+    norms = {n for n in load_tensors(llama_tied_base) if "norm" in n}
+    assert changed == {"model.embed_tokens.weight"} | norms
+
+
+@pytest.mark.parametrize("reentrant", [None, True])
+def test_activation_checkpointing_with_frozen_inputs_still_trains(tmp_path, qwen2_base, sum_data, reentrant):
+    """Reentrant checkpointing with frozen embeddings silently yields no gradients (transformers #21381)."""
+    kwargs = {"use_reentrant": reentrant} if reentrant is not None else {}
+    out = train(tmp_path, qwen2_base, sum_data, gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs)
+    changed, _ = changed_tensors(qwen2_base, out)
+    assert changed == O_PROJ
+
+
+def test_messages_rows_train_on_the_assistant_turn(tmp_path, qwen2_base):
+    from sfn_train.lab.problems import generate, write_jsonl
+
+    rows = [{"messages": [{"role": "user", "content": p.text}, {"role": "assistant", "content": p.trace}]}
+            for p in generate(16, (2,), seed=3)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = train(tmp_path, qwen2_base, data)
+    assert changed_tensors(qwen2_base, out)[0] == O_PROJ
+
+
+def test_prepared_messages_mask_the_prompt(qwen2_base):
+    from transformers import AutoTokenizer
+
+    from sfn_train.data import prepare_dataset
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"prompt": "Start at 1. Add 2.", "completion": "1+2=3."}])
+    prepared = prepare_dataset(rows, chat_template=True)
+    assert prepared[0]["prompt"] == [{"role": "user", "content": "Start at 1. Add 2."}]
+    assert prepared[0]["completion"] == [{"role": "assistant", "content": "1+2=3."}]
+    assert AutoTokenizer.from_pretrained(qwen2_base).chat_template
+
+
+def test_flash_attention_falls_back_to_sdpa_without_a_gpu(tmp_path, qwen2_base, sum_data, caplog):
+    caplog.set_level(logging.WARNING, logger="sfn_train")
+    out = train(tmp_path, qwen2_base, sum_data, attn_implementation="flash_attention_2", padding_free=True)
+    assert "falling back to sdpa" in caplog.text and "padding_free needs a FlashAttention kernel" in caplog.text
+    manifest = json.loads((out / "sfn_manifest.json").read_text())
+    assert manifest["attention"]["used"] == "sdpa" and manifest["attention"]["padding_free"] is False
+    assert changed_tensors(qwen2_base, out)[0] == O_PROJ
+
+
+def test_frozen_parameters_get_no_optimizer_state(qwen2_base, sum_data, tmp_path):
+    """The optimizer holds only the selected tensors: no Adam moments for frozen weights (DeepSpeed #2615)."""
+    from sfn_train.config import parse_recipe
+    from sfn_train.train import freeze, load_model
+    from trl import SFTTrainer
+
+    script_args, training_args, model_args, sfn_args = parse_recipe(
+        ["--config", str(train_recipe(tmp_path, qwen2_base, sum_data))])
+    model = load_model(model_args)
+    freeze(model, sfn_args)
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=None or __import__("datasets").Dataset.from_list(
+        [{"prompt": "a", "completion": "b"}]))
+    optimizer = trainer.create_optimizer()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert in_optimizer == trainable and len(trainable) == 4
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, qwen2_base, sum_data):
+    """Resuming from the step-2 checkpoint of a 4-step run reproduces that run's final weights bitwise."""
+    import shutil
+
+    save = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    (tmp_path / "full").mkdir()
+    reference = train(tmp_path / "full", qwen2_base, sum_data, **save)
+    assert (reference / "checkpoint-2").is_dir()
+
+    (tmp_path / "resumed").mkdir()
+    out = tmp_path / "resumed" / "out"
+    out.mkdir()
+    shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
+    train(tmp_path / "resumed", qwen2_base, sum_data, resume_from_checkpoint="true", **save)
+    resumed, expected = load_tensors(out), load_tensors(reference)
+    assert changed_tensors(qwen2_base, out)[0] == O_PROJ
+    assert all(torch.equal(resumed[n], expected[n]) for n in expected)
+
+
+# --- bad input: one clear line, exit code 2 ---------------------------------------------------------------------------
+def run_bad(tmp_path, capsys, base, data, *flags, **keys) -> str:
+    recipe = train_recipe(tmp_path, base, data, **keys)
+    assert main(["train", "--config", str(recipe), *flags]) == 2
+    return one_line_error(capsys)
+
+
+def test_pattern_matching_nothing(tmp_path, capsys, qwen2_base, sum_data):
+    line = run_bad(tmp_path, capsys, qwen2_base, sum_data, trainable_modules=["o_prj"])
+    assert "'o_prj' matches no parameter of Qwen2ForCausalLM" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_recipe_key(tmp_path, capsys, qwen2_base, sum_data):
+    assert "unknown key(s) trainable_modlues" in run_bad(tmp_path, capsys, qwen2_base, sum_data,
+                                                          trainable_modlues=["o_proj"])
+
+
+def test_unknown_flag_and_wrong_type(tmp_path, capsys, qwen2_base, sum_data):
+    assert "--learnig_rate" in run_bad(tmp_path, capsys, qwen2_base, sum_data, "--learnig_rate", "1")
+    assert "learning_rate" in run_bad(tmp_path, capsys, qwen2_base, sum_data, learning_rate="fast")
+
+
+def test_quantize_frozen_not_yet_supported(tmp_path, capsys, qwen2_base, sum_data):
+    assert "not yet supported" in run_bad(tmp_path, capsys, qwen2_base, sum_data, quantize_frozen="4bit")
+    assert "quantize_frozen" in run_bad(tmp_path, capsys, qwen2_base, sum_data, quantize_frozen="3bit")
+
+
+def test_output_dir_not_empty(tmp_path, capsys, qwen2_base, sum_data):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("a finished run")
+    assert "output_dir" in run_bad(tmp_path, capsys, qwen2_base, sum_data)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "a finished run"
+
+
+def test_dataset_problems(tmp_path, capsys, qwen2_base):
+    assert "does not exist" in run_bad(tmp_path, capsys, qwen2_base, tmp_path / "missing.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "empty" in run_bad(tmp_path, capsys, qwen2_base, empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": ""}\n')
+    assert "row 1" in run_bad(tmp_path, capsys, qwen2_base, bad)
+    cols = tmp_path / "cols.jsonl"
+    cols.write_text('{"question": "a", "answer": "b"}\n')
+    assert "prompt_template" in run_bad(tmp_path, capsys, qwen2_base, cols)
+
+
+def test_column_templates_map_other_layouts(tmp_path, qwen2_base):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(f'{{"question": "Start at {i}. Add 1.", "solution": "{i}+1={i + 1}."}}\n'
+                            for i in range(8)))
+    out = train(tmp_path, qwen2_base, data, prompt_template="{question}", completion_template="{solution}")
+    assert changed_tensors(qwen2_base, out)[0] == O_PROJ
+
+
+def test_resume_without_checkpoint(tmp_path, capsys, qwen2_base, sum_data):
+    assert "no complete checkpoint" in run_bad(tmp_path, capsys, qwen2_base, sum_data, resume_from_checkpoint="true")
