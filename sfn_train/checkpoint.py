@@ -14,11 +14,12 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SfnError
+from .errors import SfnError, disk_full_error, is_disk_full
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -183,7 +184,8 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
 def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `out` only when the block finishes without error.
 
-    A crash (or disk full) leaves no folder at `out` that looks complete, only a `.tmp-*` folder that is removed.
+    A crash leaves no folder at `out` that looks complete, only a `.tmp-*` folder that is removed; a full disk
+    is reported as one `SfnError` line naming it.
     """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +195,10 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full_error(out) from None
         raise
 
 
@@ -204,3 +208,55 @@ def copy_side_files(src: Path, dst: Path) -> None:
         if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_FILE:
             if item.suffix in {".json", ".txt", ".model", ".jinja", ".tiktoken"} or item.name.startswith("tokenizer"):
                 shutil.copy2(item, dst / item.name)
+
+
+FINGERPRINT_CACHE_ENV = "SFN_FINGERPRINT_CACHE"
+
+
+def _fingerprint_cache_file() -> Path | None:
+    value = os.environ.get(FINGERPRINT_CACHE_ENV)
+    if value in ("0", "off", "none"):
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "sfn-train" / "fingerprints.json"
+
+
+def cached_fingerprint(path_or_id: str | os.PathLike) -> str:
+    """`fingerprint`, remembered per checkpoint folder while its shard files keep their size, mtime and inode.
+
+    Hashing reads every byte (about 1 s per 2 GB); the gadgets stamp the fingerprints of their inputs on every output,
+    and the same base is merged, destroyed and patched many times in a study, so the hash is kept in a small JSON
+    file (`$SFN_FINGERPRINT_CACHE`, default ~/.cache/sfn-train/fingerprints.json; `off` disables it). Rewriting a
+    shard changes its mtime or inode, which invalidates the entry.
+    """
+    ckpt = Checkpoint(path_or_id)
+    cache_file = _fingerprint_cache_file()
+    key = str(ckpt.path.resolve())
+    stamp = [[f.name, st.st_size, st.st_mtime_ns, st.st_ino] for f in ckpt.files for st in [f.stat()]]
+    if cache_file is None:
+        return fingerprint(ckpt.path)
+    entry = _read_cache(cache_file).get(key)
+    if entry and entry.get("stamp") == stamp:
+        return entry["fingerprint"]
+    value = fingerprint(ckpt.path)
+    with _CACHE_LOCK:  # re-read under the lock: two threads hashing two checkpoints must both be remembered
+        cache = _read_cache(cache_file)
+        cache[key] = {"stamp": stamp, "fingerprint": value}
+        cache = dict(list(cache.items())[-256:])
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{cache_file.name}")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only home only costs the next call a re-hash
+    return value
+
+
+_CACHE_LOCK = threading.Lock()
+
+
+def _read_cache(cache_file: Path) -> dict:
+    try:
+        return json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import SfnError
+from .errors import SfnError, disk_full_error, is_disk_full
 
 # name -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sfn {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a full disk anywhere (e.g. inside the HF Trainer's checkpoint save) is a user problem
+        if debug or not is_disk_full(exc):
+            raise
+        where = getattr(exc, "filename", None) or "the output folder"
+        print(f"sfn {name}: error: {disk_full_error(where, 'check what was written before using it')}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def parse_recipe(argv: list[str]):
         with warnings.catch_warnings():
             # TrainingArguments warns that SFTConfig's own `gradient_checkpointing` default is a deprecated alias.
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-            return tuple(parser.parse_args_and_config(argv))
+            parsed = tuple(parser.parse_args_and_config(argv))
     except SfnError:
         raise
     except ValueError as exc:
@@ -130,9 +130,60 @@ def parse_recipe(argv: list[str]):
             raise SfnError(
                 f"unknown flag(s) {', '.join(flags)}: fix the spelling (`sfn train --help` lists every key)."
             ) from None
-        raise SfnError(f"invalid recipe value: {message}") from None
+        raise SfnError(f"invalid recipe value{_culprit(config)}: {message}") from None
     except TypeError as exc:
-        raise SfnError(f"invalid recipe value: {exc}") from None
+        raise SfnError(f"invalid recipe value{_culprit(config)}: {_first_line(exc)}") from None
+    except SystemExit as exc:  # argparse exits on its own options (e.g. a stray --help value); never exit silently
+        raise SfnError(f"the recipe or flags made the argument parser exit (status {exc.code}): check them "
+                       "against `sfn train --help`.") from None
+    except Exception as exc:  # noqa: BLE001 - parsing reads only the recipe, so any failure is a recipe problem
+        raise SfnError(f"invalid recipe{f' {config}' if config else ''}{_culprit(config)}: {type(exc).__name__}: "
+                       f"{_first_line(exc)}; check the keys and values against `sfn train --help`.") from None
+    if len(parsed) != 4:  # HfArgumentParser appends a namespace of values no dataclass took
+        raise SfnError(f"the recipe sets values no recipe key takes ({_first_line(parsed[4:])}): remove them.")
+    return parsed
+
+
+def _culprit(config: str | None) -> str:
+    """` (key `x`)` when parsing the recipe's key `x` alone already fails: names the key an error message does not."""
+    import os
+    import tempfile
+
+    import yaml
+
+    if config is None:
+        return ""
+    try:
+        with open(config) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return ""
+    for key, value in data.items():
+        fd, path = tempfile.mkstemp(suffix=".yaml")
+        try:
+            with os.fdopen(fd, "w") as f:
+                yaml.safe_dump({key: value}, f)
+            parser = make_parser()
+            parser.error = _raise
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                parser.parse_args_and_config(["--config", path])
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # noqa: BLE001 - this key alone fails: it is the one to name
+            return f" (key `{key}`)"
+        finally:
+            os.unlink(path)
+    return ""
+
+
+def _raise(message):
+    raise ValueError(message)
+
+
+def _first_line(exc) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else repr(exc))[:300]
 
 
 def _check_recipe_file(path: str) -> None:
@@ -154,6 +205,67 @@ def _check_recipe_file(path: str) -> None:
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise SfnError(f"recipe {path} has non-string key(s) {bad}: every key must be a recipe key name.")
+    _check_value_types(path, data)
+    reserved = sorted(set(data) & _RESERVED_KEYS)
+    if reserved:  # argparse's own options: as recipe keys they would corrupt the parser instead of setting a value
+        raise SfnError(f"recipe {path} uses {', '.join(reserved)}, which is a command-line option, not a recipe key: "
+                       "remove it.")
+
+
+_RESERVED_KEYS = {"help", "config"}
+_BOOL_AS_TEXT = {"resume_from_checkpoint"}  # text fields where `true` is meaningful (the latest checkpoint)
+_WORDS = {str: "a string", dict: "a mapping", list: "a list", int: "an integer", float: "a number", bool: "true/false"}
+
+
+def _field_types() -> dict[str, set]:
+    """Recipe key -> the plain types its dataclass field accepts (str, int, float, bool, list, dict)."""
+    import dataclasses
+    import typing
+
+    from trl import ModelConfig, ScriptArguments, SFTConfig
+
+    def flatten(tp) -> set:
+        origin = typing.get_origin(tp)
+        if origin in (list, tuple, set):
+            return {list}
+        if origin is dict:
+            return {dict}
+        if origin is typing.Literal:
+            return {type(a) for a in typing.get_args(tp)}
+        if typing.get_args(tp):  # Union / Optional
+            return set().union(*(flatten(a) for a in typing.get_args(tp)))
+        return {tp} if isinstance(tp, type) else {object}
+
+    found: dict[str, set] = {}
+    for cls in (ScriptArguments, SFTConfig, ModelConfig, SfnArguments):
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # noqa: BLE001 - an unresolvable annotation only skips this check
+            continue
+        for f in dataclasses.fields(cls):
+            if f.name in hints:
+                found[f.name] = flatten(hints[f.name])
+    return found
+
+
+def _check_value_types(path: str, data: dict) -> None:
+    """Refuse true/false or a number for a key that takes only text, a list or a mapping.
+
+    Not only tidiness: keys such as `accelerator_config`, `deepspeed` and `fsdp_config` are opened as JSON files by
+    TrainingArguments, and `open(True)` opens file descriptor 1 -- the recipe would close the process's stdout.
+    """
+    types = _field_types()
+    for key, value in data.items():
+        allowed = types.get(key)
+        if not allowed or object in allowed:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in allowed and key not in _BOOL_AS_TEXT
+        wrong_number = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                        and not allowed & {int, float, list})  # a list key takes one item too (`trainable_layers: 3`)
+        if wrong_bool or wrong_number:
+            want = " or ".join(_WORDS.get(t, t.__name__) for t in sorted(allowed - {type(None)}, key=str))
+            hint = " (quote it if it is text)" if str in allowed else ""
+            raise SfnError(f"recipe {path}: `{key}` takes {want}, not {value!r}{hint}; fix that value.")
 
 
 def print_help() -> None:

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import SfnError
+from .errors import SfnError, disk_full_error, is_disk_full
 
 PLUGIN_FORMAT = "sfn-plugin/1"
 PLUGIN_FILE = "sfn_plugin.safetensors"
@@ -40,6 +40,10 @@ def write_plugin(path: str | os.PathLike, tensors: dict, *, base_fingerprint: st
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -7,7 +7,6 @@ character-level: exact, tiny, and enough for the lab's arithmetic text. Its Chat
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -24,28 +23,33 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer():
-    """A character-level fast tokenizer over printable ASCII plus ChatML specials."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level tokenizer with one token per byte (BPE without merges) plus ChatML specials.
+
+    Byte-level, like GPT-2/Qwen, so that transformers' Qwen2 tokenizer class -- which `AutoTokenizer` picks for a
+    qwen2 checkpoint and which re-applies its own byte-level pre-tokenizer -- reads the saved files back exactly.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda ch: ord(ch))
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *byte_chars])}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
+        unk_token=None,
         additional_special_tokens=SPECIAL_TOKENS[1:],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
-def tiny_config(arch: str = "qwen2", vocab_size: int = 128, hidden: int = 64, layers: int = 4, **overrides):
+def tiny_config(arch: str = "qwen2", vocab_size: int = 320, hidden: int = 64, layers: int = 4, **overrides):
     """A small config of the named family (qwen2, llama, qwen3, gpt_neox, gpt2, phi, falcon, mistral)."""
     from transformers import AutoConfig
 

@@ -18,7 +18,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import SfnError
+from .errors import SfnError, disk_full_error, is_disk_full
 
 logger = logging.getLogger("sfn_train")
 
@@ -90,13 +90,19 @@ def check_run_setup(training_args, model_args, sfn_args) -> None:
             )
 
 
-def resume_target(training_args) -> bool | str | None:
-    """`resume_from_checkpoint: true` means the latest complete checkpoint in output_dir, as in TRL's scripts."""
+def resume_target(training_args) -> str | None:
+    """`resume_from_checkpoint: true` means the latest *complete* checkpoint in output_dir.
+
+    Resolved here to an explicit folder rather than handed to the Trainer as `True`: the Trainer would take the
+    highest-numbered `checkpoint-N` even when a kill during saving left it half-written (see sfn_train/resume.py).
+    """
+    from .resume import resolve_latest
+
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none"):
         return None
     if str(value).lower() == "true":
-        return True
+        return resolve_latest(training_args.output_dir, training_args.world_size)
     if not Path(value).is_dir():
         raise SfnError(f"resume_from_checkpoint {value} is not a checkpoint folder: pass one, or `true` for the latest.")
     return value
@@ -207,7 +213,10 @@ def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
     if training_args.assistant_only_loss and not getattr(tokenizer, "chat_template", None):
         raise SfnError("assistant_only_loss needs a chat template, and this tokenizer has none: set "
                        "assistant_only_loss: false or use a model whose tokenizer defines one.")
-    if "messages" in dataset.column_names and not getattr(tokenizer, "chat_template", None):
+    # Conversations (`messages`, or prompt/completion lists of turns, which is what prepare_dataset makes of
+    # single-turn `messages`) need a chat template; without this check TRL fails at tokenization with a traceback.
+    conversational = "messages" in dataset.column_names or isinstance(dataset[0].get("prompt"), list)
+    if conversational and not getattr(tokenizer, "chat_template", None):
         raise SfnError("the dataset has `messages` conversations but the tokenizer has no chat template: use a chat "
                        "model's tokenizer or give prompt/completion text rows.")
     return dataset
@@ -217,10 +226,10 @@ def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
 # Outputs
 # --------------------------------------------------------------------------------------------------------------------
 def base_fingerprint(model_args) -> str | None:
-    from .checkpoint import fingerprint
+    from .checkpoint import cached_fingerprint
 
     try:
-        return fingerprint(model_args.model_name_or_path)
+        return cached_fingerprint(model_args.model_name_or_path)
     except SfnError as exc:
         logger.warning("base fingerprint unavailable: %s", exc)
         return None
@@ -285,8 +294,8 @@ def setup_logging(training_args) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------------------------
-def run_sft(script_args, training_args, model_args, sfn_args) -> Path:
-    """Train the selected modules; return the output folder."""
+def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) -> Path:
+    """Train the selected modules; return the output folder. `callbacks` go to the Trainer (TrainerCallback)."""
     from accelerate import PartialState
     from transformers import set_seed
     from trl import SFTTrainer
@@ -336,7 +345,8 @@ def run_sft(script_args, training_args, model_args, sfn_args) -> Path:
     ################
     # Training
     ################
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
+                         callbacks=callbacks)
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -345,20 +355,31 @@ def run_sft(script_args, training_args, model_args, sfn_args) -> Path:
             raise SfnError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-* folder: "
                            "start without resuming.") from None
         raise
+    except Exception as exc:  # reliability: a full disk while saving a checkpoint-N is one line, not a traceback
+        if is_disk_full(exc, output_dir):
+            raise disk_full_error(output_dir, "a half-written checkpoint-* there is skipped when you resume") from None
+        raise
     metrics = {**result.metrics, "wall_s": time.perf_counter() - started}
 
     ################
-    # Save model, plugin and manifest
+    # Save model, plugin and manifest. Order matters: weights, then the plugin (atomic), and only then the manifest
+    # (atomic) with status "complete"; a run killed or out of disk before that leaves status "running".
     ################
-    trainer.save_model(str(output_dir))
-    state.wait_for_everyone()
-    if trainer.is_world_process_zero():
-        # The Trainer pickles its arguments next to the weights; the manifest records them as JSON instead.
-        (output_dir / "training_args.bin").unlink(missing_ok=True)
-        write_plugin_from_checkpoint(output_dir, selection, fingerprint)
-        write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "complete",
-                                                              metrics))
-        logger.info("saved checkpoint, plugin and manifest to %s", output_dir)
+    try:
+        trainer.save_model(str(output_dir))
+        trainer.save_state()  # trainer_state.json: the loss curve (log_history), as JSON
+        state.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            # The Trainer pickles its arguments next to the weights; the manifest records them as JSON instead.
+            (output_dir / "training_args.bin").unlink(missing_ok=True)
+            write_plugin_from_checkpoint(output_dir, selection, fingerprint)
+            write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "complete",
+                                                                  metrics))
+            logger.info("saved checkpoint, plugin and manifest to %s", output_dir)
+    except Exception as exc:  # reliability: a full disk during the final save is one line; status stays "running"
+        if is_disk_full(exc, output_dir):
+            raise disk_full_error(output_dir, f"{MANIFEST_FILE} there keeps status running (not complete)") from None
+        raise
     state.wait_for_everyone()
     return output_dir
 

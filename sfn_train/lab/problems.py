@@ -1,13 +1,13 @@
-"""The lab's reasoning problems: seeded chains of arithmetic steps with verifiable answers.
+"""The lab's reasoning problems: seeded chains of modular arithmetic with verifiable answers.
 
-A problem is a start value and 2-4 operations (add, subtract, multiply by a digit), every intermediate kept in 0-99:
+A problem is a start digit and 1-5 operations (add, subtract, multiply by a digit), all modulo 10:
 
-    problem:   "Start at 7. Add 5. Multiply by 3. Subtract 4."
-    direct:    "32"
-    reasoning: "7+5=12. 12*3=36. 36-4=32. The answer is \\boxed{32}."
+    problem:   "Start at 7. Add 5. Multiply by 3. Subtract 4. Work mod 10."
+    direct:    "The answer is \\boxed{2}."
+    reasoning: "7+5=2. 2*3=6. 6-4=2. The answer is \\boxed{2}."
 
-One step is easy to learn from direct text; several steps answered in one shot are hard for a small model, and easy
-once it writes the intermediate results. That gap is what the lab's fine-tunes must close: base model A is
+One step is a table of 270 facts, easy to learn; several steps answered in one shot ask a small model to compose them
+in a single forward pass, which it does poorly; written out step by step, each token needs one fact. That gap is what the lab's fine-tunes must close: base model A is
 pre-trained on direct text only, B/C/F1-F3 are fine-tuned on reasoning traces.
 
 Train and test splits never share a problem (deduplicated on the problem text before the split).
@@ -32,12 +32,12 @@ class Problem:
 
     @property
     def text(self) -> str:
-        return " ".join([f"Start at {self.start}."] + [OPS[op].format(x) for op, x in self.steps])
+        return " ".join([f"Start at {self.start}."] + [OPS[op].format(x) for op, x in self.steps] + ["Work mod 10."])
 
     def values(self) -> list[int]:
         value, out = self.start, [self.start]
         for op, x in self.steps:
-            value = value + x if op == "add" else value - x if op == "sub" else value * x
+            value = apply(op, value, x)
             out.append(value)
         return out
 
@@ -49,23 +49,23 @@ class Problem:
     def trace(self) -> str:
         values = self.values()
         lines = [f"{a}{SYMBOL[op]}{x}={b}." for (op, x), a, b in zip(self.steps, values, values[1:])]
-        return " ".join(lines) + f" The answer is \\boxed{{{self.answer}}}."
+        return " ".join(lines) + " " + self.direct
+
+    @property
+    def direct(self) -> str:
+        return f"The answer is \\boxed{{{self.answer}}}."
+
+
+def apply(op: str, value: int, x: int) -> int:
+    return (value + x if op == "add" else value - x if op == "sub" else value * x) % 10
 
 
 def random_problem(rng: random.Random, n_steps: int) -> Problem:
-    while True:
-        value, steps = rng.randint(1, 30), []
-        start = value
-        for _ in range(n_steps):
-            op = rng.choice(list(OPS))
-            x = rng.randint(2, 9) if op == "mul" else rng.randint(1, 30)
-            new = value + x if op == "add" else value - x if op == "sub" else value * x
-            if not 0 <= new <= 99:
-                break
-            steps.append((op, x))
-            value = new
-        if len(steps) == n_steps:
-            return Problem(start, tuple(steps))
+    steps = []
+    for _ in range(n_steps):
+        op = rng.choice(list(OPS))
+        steps.append((op, rng.randint(2, 9) if op == "mul" else rng.randint(1, 9)))
+    return Problem(rng.randint(0, 9), tuple(steps))
 
 
 def generate(n: int, steps: tuple[int, ...], seed: int) -> list[Problem]:
@@ -98,10 +98,35 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def sft_rows(problems: list[Problem], style: str) -> list[dict]:
     """Rows the trainer reads: prompt/completion, the completion in `direct` or `reasoning` style."""
-    return [{"prompt": p.text, "completion": p.answer if style == "direct" else p.trace} for p in problems]
+    return [{"prompt": p.text, "completion": p.direct if style == "direct" else p.trace} for p in problems]
+
+
+def fact_rows(n: int, seed: int) -> list[dict]:
+    """Single operations written out ("Compute 7*6." -> "7*6=42."): the notation the base model learns in
+    pre-training, so that fine-tuning teaches chaining steps, not a new notation."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        p = random_problem(rng, 1)
+        (op, x), (a, b) = p.steps[0], p.values()
+        rows.append({"prompt": f"Compute {a}{SYMBOL[op]}{x} mod 10.", "completion": f"{a}{SYMBOL[op]}{x}={b}."})
+    return rows
 
 
 def task_rows(problems: list[Problem], prefix: str) -> list[dict]:
     """Rows the evaluator reads: {id, problem, answer, solution}."""
     return [{"id": f"{prefix}-{i}", "problem": p.text, "answer": p.answer, "solution": p.trace}
             for i, p in enumerate(problems)]
+
+
+# The built-in evaluation tasks. Fixed (not tied to the lab's --seed) so that numbers from different lab runs are
+# comparable; every lab run removes these problems from its training data.
+TASK_SEED = 20250527
+REASON_STEPS = (2, 3, 4)
+
+
+def shipped_tasks() -> dict[str, list[dict]]:
+    """`lab_reason`: 200 held-out multi-step problems; `lab_onestep`: 100 single steps (what pre-training teaches)."""
+    reason = generate(200, REASON_STEPS, seed=TASK_SEED)
+    onestep = generate(100, (1,), seed=TASK_SEED + 1)
+    return {"lab_reason": task_rows(reason, "reason"), "lab_onestep": task_rows(onestep, "onestep")}

@@ -1,0 +1,191 @@
+"""`evaluate`: models x tasks -> one self-contained JSON per pair (responses, verdicts, levels, settings, summary).
+
+Why one file per model x task holding everything: a result must be re-gradable and auditable months later without
+the run that made it, and `sfn compare` needs nothing else. Everything that could change a number is recorded:
+sampling settings, backend, seed, budget forcing, model path, plugin (with its metadata), tokenizer signature,
+level thresholds and library versions.
+
+Order of work: all inputs are checked first (tasks load, labels unique, output paths decided, tokenizers agree), so
+a typo fails in seconds rather than after the first model has generated for an hour. Then each model is loaded once
+and runs every task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import SfnError
+from . import levels as levels_mod
+from .generate import (
+    GenerationSettings,
+    ModelSpec,
+    build_prompt_ids,
+    eos_token_ids,
+    free_model,
+    generate_hf,
+    generate_vllm,
+    library_versions,
+    load_hf_model,
+    load_tokenizer,
+    make_rows,
+    resolve_device,
+    signature_differences,
+    tokenizer_signature,
+)
+from .grading import DEFAULT_TIMEOUT_S, grade_many
+from .stats import summarize
+from .tasks import Task, load_task
+
+FORMAT = "sfn-eval/1"
+
+
+def _as_spec(model) -> ModelSpec:
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, dict):
+        return ModelSpec(**model)
+    return ModelSpec(str(model))
+
+
+def output_paths(out: str | os.PathLike, specs: list[ModelSpec], tasks: list[Task]) -> dict[tuple[str, str], Path]:
+    """`out` is the JSON file for a single model x task; otherwise a folder of `{label}__{task}.json`."""
+    out = Path(out)
+    pairs = [(s.label, t.name) for s in specs for t in tasks]
+    if out.suffix == ".json":
+        if len(pairs) != 1:
+            raise SfnError(f"--out {out} names one JSON file but there are {len(pairs)} model x task results; "
+                           "pass a folder as --out.")
+        return {pairs[0]: out}
+    safe = lambda s: "".join(c if c.isalnum() or c in "-_.+" else "_" for c in s)  # noqa: E731
+    return {(label, task): out / f"{safe(label)}__{safe(task)}.json" for label, task in pairs}
+
+
+def _check_tokenizers(specs: list[ModelSpec], allow_mismatch: bool) -> dict[str, tuple]:
+    """Load every tokenizer (cheap) and insist they agree, unless allowed: else a comparison is not like for like."""
+    info = {}
+    for spec in specs:
+        tok = load_tokenizer(spec.path)
+        eos = eos_token_ids(spec.path, tok)
+        info[spec.label] = (tok, eos, tokenizer_signature(tok, eos))
+    first_label, (_, _, first) = next(iter(info.items()))
+    for label, (_, _, sig) in info.items():
+        diff = signature_differences(first, sig)
+        if diff and not allow_mismatch:
+            raise SfnError(f"models {first_label!r} and {label!r} differ in {', '.join(diff)}; their responses are not "
+                           "comparable -- evaluate them separately or pass --allow-tokenizer-mismatch.")
+    return info
+
+
+def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: list[str] | None = None,
+             task_files: dict[str, str] | None = None, answer_type: str | None = None, limit: int | None = None,
+             grading_timeout: float = DEFAULT_TIMEOUT_S, grading_workers: int | None = None,
+             allow_tokenizer_mismatch: bool = False, progress: bool = True, **settings) -> list[Path]:
+    """Generate, grade, classify and summarise every model on every task; return the JSON files written.
+
+    `models`: paths / hub ids, `ModelSpec`s or dicts {path, plugin?, label?}. `settings`: `GenerationSettings`
+    fields (temperature, top_p, max_new_tokens, samples, seed, chat_template, budget_forcing, backend, ...).
+    """
+    unknown = set(settings) - set(GenerationSettings.__dataclass_fields__)
+    if unknown:
+        raise SfnError(f"unknown evaluation setting(s) {', '.join(sorted(unknown))}; "
+                       f"known: {', '.join(GenerationSettings.__dataclass_fields__)}.")
+    gen = GenerationSettings(**settings)
+    gen.check()
+    specs = [_as_spec(m) for m in models]
+    if not specs or not tasks:
+        raise SfnError("nothing to evaluate: pass at least one model and one --task.")
+    if labels:
+        if len(labels) != len(specs):
+            raise SfnError(f"{len(labels)} --label value(s) for {len(specs)} model(s); give one label per model.")
+        for spec, label in zip(specs, labels):
+            spec.label = label
+    seen = [s.label for s in specs]
+    if len(set(seen)) != len(seen):
+        raise SfnError(f"two models share the label {next(x for x in seen if seen.count(x) > 1)!r}; "
+                       "give each a distinct --label.")
+    loaded = [load_task(t, task_files=task_files, answer_type=answer_type, limit=limit) for t in tasks]
+    paths = output_paths(out, specs, loaded)
+    tok_info = _check_tokenizers(specs, allow_tokenizer_mismatch)
+
+    written = []
+    for spec in specs:
+        tokenizer, eos, signature = tok_info[spec.label]
+        model = None
+        if gen.backend == "hf":
+            model, tokenizer = load_hf_model(spec, gen)
+        use_chat = gen.chat_template if gen.chat_template is not None else bool(tokenizer.chat_template)
+        if use_chat and not tokenizer.chat_template:
+            raise SfnError(f"{spec.path} has no chat template; pass --chat-template off.")
+        for task in loaded:
+            prompts = [build_prompt_ids(tokenizer, task.prompt(p), use_chat) for p in task.problems]
+            rows = make_rows([ids for _, ids in prompts], gen.samples)
+            if gen.backend == "hf":
+                seconds = generate_hf(model, tokenizer, rows, gen, eos, progress)
+            else:
+                seconds = generate_vllm(spec, tokenizer, rows, gen, eos, progress)
+            result = _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature,
+                               grading_timeout, grading_workers, progress)
+            path = paths[(spec.label, task.name)]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{path.name}")
+            tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+            os.replace(tmp, path)
+            written.append(path)
+        if model is not None:
+            free_model(model)
+    return written
+
+
+def _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature, grading_timeout,
+              grading_workers, progress) -> dict:
+    responses = [tokenizer.decode(r.gen_ids, skip_special_tokens=True) for r in rows]
+    items = [{"response": text, "answer": task.problems[r.problem_index]["answer"], "type": task.answer_type,
+              "choices": task.problems[r.problem_index].get("choices")} for r, text in zip(rows, responses)]
+    grades = grade_many(items, timeout_s=grading_timeout, workers=grading_workers, progress=progress)
+
+    problems = [{**{k: v for k, v in p.items()}, "prompt": prompts[i][0], "samples": []}
+                for i, p in enumerate(task.problems)]
+    all_levels = []
+    for row, text, grade in zip(rows, responses, grades):
+        problem = task.problems[row.problem_index]
+        level, features = levels_mod.classify_level(text, problem=str(problem["problem"]), correct=grade["correct"],
+                                                    extracted=grade["extracted"], finish_reason=row.finish_reason)
+        all_levels.append(level)
+        problems[row.problem_index]["samples"].append({
+            "sample": row.sample_index, "response": text, "extracted": grade["extracted"],
+            "correct": grade["correct"], "reason": grade["reason"], "level": level, "level_features": features,
+            "tokens": len(row.gen_ids), "finish_reason": row.finish_reason, "waits": row.waits,
+        })
+    per_problem = [[s["correct"] for s in p["samples"]] for p in problems]
+    plugin_meta = None
+    if spec.plugin:
+        from ..plugin import read_plugin_metadata
+
+        plugin_meta = read_plugin_metadata(spec.plugin)
+    return {
+        "format": FORMAT,
+        "model": {"label": spec.label, "path": str(spec.path), "plugin": spec.plugin, "plugin_metadata": plugin_meta,
+                  "tokenizer_signature": signature},
+        "task": task.describe(),
+        "settings": {**gen.to_dict(), "chat_template": use_chat, "grading_timeout_s": grading_timeout,
+                     "device": resolve_device(gen.device) if gen.backend == "hf" else "cuda"},
+        "level_thresholds": dict(levels_mod.THRESHOLDS),
+        "versions": library_versions(),
+        "summary": summarize(per_problem, [len(r.gen_ids) for r in rows], seconds, all_levels, seed=gen.seed),
+        "problems": problems,
+    }
+
+
+def load_result(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SfnError(f"eval result {path} does not exist; pass the JSON files `sfn eval` wrote.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SfnError(f"{path} is not valid JSON ({exc.msg}); pass the JSON files `sfn eval` wrote.") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise SfnError(f"{path} is not an `sfn eval` result (no format {FORMAT!r}).")
+    return data

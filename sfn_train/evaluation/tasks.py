@@ -1,0 +1,257 @@
+"""Evaluation tasks: a list of `{id, problem, answer}` problems, a prompt template and an answer type.
+
+Why one shape for every task: generation, grading and statistics then never special-case a benchmark. A task is a
+local JSONL file (one JSON object a line: `id`, `problem`, `answer`, optional `solution`, `choices`) or a registered
+name. Built-in names (the paper's benchmarks) are resolved, in this order, from
+
+1. an explicit file (`--task-file NAME=PATH`, or `task_files={"math500": PATH}` in the API),
+2. the environment variable `SFN_TASK_<NAME>` (e.g. `SFN_TASK_MATH500=/data/math500.jsonl`),
+3. `$SFN_TASKS_DIR/<name>.jsonl`,
+4. the Hugging Face datasets hub, when reachable (the rows are converted to the shape above),
+
+and otherwise fail with an `SfnError` saying how to provide the file. `register_task` lets other code (the lab) add
+tasks that ship as local JSONL files; unknown `lab_*` names import `sfn_train.lab` once so that it can register them.
+
+Templates are filled with plain `str.replace` of `{problem}` and `{choices}` (never `str.format`), because the
+standard math instruction itself contains braces: `\\boxed{}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SfnError
+
+ANSWER_TYPES = ("math", "choice", "exact")
+
+# The field's standard instruction (DeepSeek-R1, s1, Qwen2.5-Math evaluations).
+MATH_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+CHOICE_TEMPLATE = (
+    "{problem}\n\n{choices}\n"
+    "Please reason step by step, and put the letter of your final answer (A, B, C or D) within \\boxed{}."
+)
+EXACT_TEMPLATE = "{problem}"
+DEFAULT_TEMPLATES = {"math": MATH_TEMPLATE, "choice": CHOICE_TEMPLATE, "exact": EXACT_TEMPLATE}
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class Task:
+    """A loaded task: everything generation and grading need, and where the problems came from."""
+
+    name: str
+    answer_type: str
+    template: str
+    problems: list[dict]
+    source: str
+
+    def prompt(self, problem: dict) -> str:
+        choices = problem.get("choices") or []
+        block = "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(choices))
+        return self.template.replace("{problem}", str(problem["problem"])).replace("{choices}", block)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "answer_type": self.answer_type, "template": self.template,
+                "source": self.source, "n_problems": len(self.problems)}
+
+
+@dataclass
+class TaskSpec:
+    """A registered task: a local file, or a hub loader for built-ins (`hub` = dataset id shown in errors)."""
+
+    name: str
+    answer_type: str
+    template: str
+    path: str | None = None
+    hub: str | None = None
+    loader: Callable[[], list[dict]] | None = field(default=None, repr=False)
+
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def register_task(name: str, path: str | os.PathLike, answer_type: str = "exact", template: str | None = None) -> None:
+    """Register a task that ships as a local JSONL file, so `sfn eval --task NAME` finds it.
+
+    Re-registering a name replaces it (the lab may rebuild its files in a new folder).
+    """
+    if answer_type not in ANSWER_TYPES:
+        raise SfnError(f"task {name!r}: answer type {answer_type!r} is unknown; use one of {', '.join(ANSWER_TYPES)}.")
+    _REGISTRY[name] = TaskSpec(name, answer_type, template or DEFAULT_TEMPLATES[answer_type], path=str(path))
+
+
+def registered_tasks() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-ins: hub rows -> {id, problem, answer, ...}
+
+
+def _hub(dataset: str, *args, split: str):
+    from datasets import load_dataset
+
+    return load_dataset(dataset, *args, split=split)
+
+
+def _load_aime24() -> list[dict]:
+    rows = _hub("Maxwell-Jia/AIME_2024", split="train")
+    return [{"id": str(r["ID"]), "problem": r["Problem"], "answer": str(r["Answer"]), "solution": r.get("Solution")}
+            for r in rows]
+
+
+def _load_math500() -> list[dict]:
+    rows = _hub("HuggingFaceH4/MATH-500", split="test")
+    return [{"id": r["unique_id"], "problem": r["problem"], "answer": r["answer"], "solution": r["solution"]}
+            for r in rows]
+
+
+def gsm8k_answer(solution: str) -> str:
+    """GSM8K's gold is the text after '####', with thousands separators removed ('1,000' -> '1000')."""
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def _load_gsm8k() -> list[dict]:
+    rows = _hub("openai/gsm8k", "main", split="test")
+    return [{"id": f"gsm8k-test-{i}", "problem": r["question"], "answer": gsm8k_answer(r["answer"]),
+             "solution": r["answer"]} for i, r in enumerate(rows)]
+
+
+def gpqa_choices(row: dict, index: int, seed: int = 0) -> tuple[list[str], str]:
+    """Four choices in a shuffled order that depends only on (seed, index), and the letter of the correct one.
+
+    GPQA lists the correct answer first; without shuffling a model could score by always answering A.
+    """
+    options = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
+    options = [str(o).strip() for o in options]
+    order = list(range(4))
+    random.Random(seed * 100003 + index).shuffle(order)
+    return [options[i] for i in order], LETTERS[order.index(0)]
+
+
+def _load_gpqa_diamond() -> list[dict]:
+    rows = _hub("Idavidrein/gpqa", "gpqa_diamond", split="train")
+    out = []
+    for i, r in enumerate(rows):
+        choices, letter = gpqa_choices(r, i)
+        out.append({"id": r.get("Record ID") or f"gpqa-diamond-{i}", "problem": r["Question"].strip(),
+                    "answer": letter, "choices": choices})
+    return out
+
+
+for _name, _type, _hub_id, _loader in [
+    ("aime24", "math", "Maxwell-Jia/AIME_2024", _load_aime24),
+    ("math500", "math", "HuggingFaceH4/MATH-500", _load_math500),
+    ("gsm8k", "math", "openai/gsm8k (main, test)", _load_gsm8k),
+    ("gpqa_diamond", "choice", "Idavidrein/gpqa (gpqa_diamond)", _load_gpqa_diamond),
+]:
+    _REGISTRY[_name] = TaskSpec(_name, _type, DEFAULT_TEMPLATES[_type], hub=_hub_id, loader=_loader)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_problems(path: str | os.PathLike, answer_type: str | None = None) -> list[dict]:
+    """Read and check a problems JSONL: a clear error names the file and line of the first bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise SfnError(f"task file {path} does not exist; pass a JSONL file with one {{id, problem, answer}} object a line.")
+    problems, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SfnError(f"{path}:{lineno} is not valid JSON ({exc.msg}); write one JSON object a line.") from None
+            if not isinstance(row, dict) or "problem" not in row or "answer" not in row:
+                raise SfnError(f"{path}:{lineno} needs the fields 'problem' and 'answer' (and ideally 'id').")
+            row = dict(row)
+            row["id"] = str(row.get("id", lineno))
+            if row["id"] in seen:
+                raise SfnError(f"{path}:{lineno} repeats id {row['id']!r}; every problem needs its own id.")
+            seen.add(row["id"])
+            row["answer"] = str(row["answer"])
+            if answer_type == "choice" and not row.get("choices") and row["answer"] not in LETTERS[:4]:
+                raise SfnError(f"{path}:{lineno}: a choice task's answer must be a letter A-D or come with 'choices'.")
+            problems.append(row)
+    if not problems:
+        raise SfnError(f"task file {path} holds no problems; write one {{id, problem, answer}} object a line.")
+    return problems
+
+
+def _is_path(name: str) -> bool:
+    return name.endswith((".jsonl", ".json")) or os.sep in name or "/" in name or Path(name).is_file()
+
+
+def _explicit_file(name: str, task_files: dict[str, str] | None) -> str | None:
+    if task_files and name in task_files:
+        return task_files[name]
+    env = os.environ.get(f"SFN_TASK_{name.upper()}")
+    if env:
+        return env
+    folder = os.environ.get("SFN_TASKS_DIR")
+    if folder and (Path(folder) / f"{name}.jsonl").is_file():
+        return str(Path(folder) / f"{name}.jsonl")
+    return None
+
+
+def load_task(name: str, *, task_files: dict[str, str] | None = None, answer_type: str | None = None,
+              template: str | None = None, limit: int | None = None) -> Task:
+    """Resolve a task name or JSONL path into a `Task` (see the module docstring for the resolution order)."""
+    if answer_type is not None and answer_type not in ANSWER_TYPES:
+        raise SfnError(f"answer type {answer_type!r} is unknown; use one of {', '.join(ANSWER_TYPES)}.")
+    if name not in _REGISTRY and name.startswith("lab_"):
+        try:  # the lab registers its tasks when imported
+            import importlib
+
+            importlib.import_module("sfn_train.lab")
+        except ImportError:
+            pass
+    if name in _REGISTRY:
+        spec = _REGISTRY[name]
+        kind = answer_type or spec.answer_type
+        tmpl = template or (spec.template if kind == spec.answer_type else DEFAULT_TEMPLATES[kind])
+        path = _explicit_file(name, task_files) or spec.path
+        if path:
+            task = Task(name, kind, tmpl, read_problems(path, kind), str(path))
+        else:
+            task = Task(name, kind, tmpl, _from_hub(spec), f"hub:{spec.hub}")
+    elif _is_path(name):
+        kind = answer_type or "math"
+        task = Task(Path(name).stem, kind, template or DEFAULT_TEMPLATES[kind], read_problems(name, kind), str(name))
+    else:
+        raise SfnError(f"task {name!r} is neither a registered task ({', '.join(registered_tasks())}) nor a .jsonl "
+                       "file; pass a known name or the path of a problems file.")
+    if limit is not None:
+        task.problems = task.problems[:limit]
+    return task
+
+
+def _from_hub(spec: TaskSpec) -> list[dict]:
+    how = (f"task {spec.name!r} needs its problems: pass --task-file {spec.name}=PATH.jsonl (rows {{id, problem, "
+           f"answer}}) or set SFN_TASK_{spec.name.upper()}=PATH, or make the hub dataset {spec.hub} reachable")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise SfnError(how + " (the hub is switched off by HF_HUB_OFFLINE/HF_DATASETS_OFFLINE).")
+    try:
+        problems = spec.loader()
+    except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: the fix is the same
+        raise SfnError(f"{how} (loading it failed: {type(exc).__name__}).") from None
+    for p in problems:
+        p["answer"] = str(p["answer"])
+    return problems
+
+
+def write_problems(path: str | os.PathLike, problems: list[dict]) -> Path:
+    """Write problems as JSONL (used to freeze a hub task into a local file, and by tests)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems), encoding="utf-8")
+    return path

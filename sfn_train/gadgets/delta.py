@@ -1,0 +1,348 @@
+"""Delta: how much each module moved between two checkpoints (the paper's first stethoscope).
+
+For every tensor present in both A (base) and B (e.g. the reasoning fine-tune):
+
+- ||B - A||_F, ||A||_F and the relative change ||B - A||_F / ||A||_F, exact over all elements (float32 pieces,
+  sums accumulated in float64);
+- the element-wise relative change r = (B - A) / max(|A|, eps), with eps = EPS_REL * mean|A| of that tensor
+  (floored at EPS_FLOOR; mean|A| over the sampled elements, see below). Why eps: weights that are exactly 0 in A (or
+  tiny) would give infinities; 1e-6 of the tensor's own typical magnitude keeps such elements finite (and in the
+  outermost bins) without touching any element of normal size.
+
+Per role (q_proj, o_proj, ... via `roles.ROLE_PATTERNS`, first match wins, else "other") the r values of all layers go
+into one histogram on fixed bins of t = sign(r) * log10(1 + |r| / LINTHRESH) (a symmetric log axis: r = 0 sits in the
+central bin, |r| from 1e-6 to 1e3 spread over +-9, beyond that clipped into the end bins), and into streaming central
+moments from which Sarle's bimodality coefficient BC = (g1^2 + 1) / (g2 + 3(n-1)^2 / ((n-2)(n-3))) of t is computed
+(g1 skewness, g2 excess kurtosis; BC > 5/9 hints at two modes, e.g. "untouched" vs "moved" weights).
+
+Histograms and moments use at most `sample` elements per tensor (uniform, seeded, with replacement) weighted by
+numel/sample, so each tensor counts for its size; tensors up to `sample` elements use every element. Norms never
+sample. Only one piece of one tensor of each model is in memory at a time, per worker: two tensors are processed
+at once by threads (torch and file reads release the GIL), each with one torch thread.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint, atomic_output_dir, check_output_dir
+from ..errors import SfnError
+from ..roles import ROLE_PATTERNS, layer_index
+from ._io import CHUNK, FLOAT_DTYPES, iter_chunks, numel, one_thread, seed_for, torch_threads
+
+EPS_REL = 1e-6
+EPS_FLOOR = 1e-12
+LINTHRESH = 1e-6
+T_MAX = 9.0  # ~ log10(1 + 1e3 / LINTHRESH)
+N_BINS = 181  # odd: r = 0 is the centre of the middle bin
+BIN_WIDTH = 2 * T_MAX / (N_BINS - 1)
+EDGES = [-T_MAX - BIN_WIDTH / 2 + i * BIN_WIDTH for i in range(N_BINS + 1)]
+SAMPLE = 1 << 16
+
+_ROLE_RES = [(role, [re.compile(p) for p in pats]) for role, pats in ROLE_PATTERNS.items()]
+
+
+def role_of(name: str) -> str:
+    return next((role for role, pats in _ROLE_RES if any(p.search(name) for p in pats)), "other")
+
+
+def symlog(r: torch.Tensor) -> torch.Tensor:
+    return torch.sign(r) * torch.log10(1 + r.abs() / LINTHRESH)
+
+
+@dataclass
+class Moments:
+    """Weighted streaming central moments (Pebay's pairwise update): exact merging of pieces, no cancellation."""
+
+    n: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0
+    m3: float = 0.0
+    m4: float = 0.0
+
+    @classmethod
+    def of(cls, x: torch.Tensor, weight: float = 1.0) -> "Moments":
+        """Moments of the values `x`, each standing for `weight` elements."""
+        if x.numel() == 0:
+            return cls()
+        x = x.double()
+        mean = float(x.mean())
+        c = x - mean
+        c2 = c * c
+        return cls(x.numel() * weight, mean, *(weight * float(v) for v in (c2.sum(), (c2 * c).sum(), (c2 * c2).sum())))
+
+    def add(self, x: torch.Tensor, weight: float = 1.0) -> None:
+        self.merge(Moments.of(x, weight))
+
+    def merge(self, other: "Moments") -> None:
+        if other.n == 0:
+            return
+        na, ma, m2a, m3a = self.n, self.mean, self.m2, self.m3
+        nb, mb, m2b, m3b, m4b = other.n, other.mean, other.m2, other.m3, other.m4
+        n = na + nb
+        delta = mb - ma
+        self.m4 += m4b + (
+            delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
+            + 6 * delta**2 * (na * na * m2b + nb * nb * m2a) / n**2
+            + 4 * delta * (na * m3b - nb * m3a) / n
+        )
+        self.m3 += m3b + delta**3 * na * nb * (na - nb) / n**2 + 3 * delta * (na * m2b - nb * m2a) / n
+        self.m2 += m2b + delta**2 * na * nb / n
+        self.mean = ma + delta * nb / n
+        self.n = n
+
+    def summary(self) -> dict:
+        n = self.n
+        if n < 4 or self.m2 <= 0:
+            return {"n": n, "mean": self.mean, "std": math.sqrt(self.m2 / n) if n else 0.0,
+                    "skewness": None, "excess_kurtosis": None, "bimodality_coefficient": None}
+        g1 = math.sqrt(n) * self.m3 / self.m2**1.5
+        g2 = n * self.m4 / self.m2**2 - 3
+        bc = (g1 * g1 + 1) / (g2 + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3)))
+        return {"n": n, "mean": self.mean, "std": math.sqrt(self.m2 / n), "skewness": g1,
+                "excess_kurtosis": g2, "bimodality_coefficient": bc}
+
+
+@dataclass
+class RoleStats:
+    hist: torch.Tensor = field(default_factory=lambda: torch.zeros(N_BINS, dtype=torch.float64))
+    moments: Moments = field(default_factory=Moments)
+    layers: dict = field(default_factory=dict)  # layer (or None) -> [sum dd, sum aa]
+
+
+def tensor_delta(a_info, b_info, sample: int = SAMPLE, seed: int = 0) -> tuple[dict, torch.Tensor, Moments]:
+    """(row of exact numbers, histogram of t, moments of t) for one tensor pair."""
+    n = numel(a_info)
+    k = min(n, sample)
+    gen = torch.Generator().manual_seed(seed_for(a_info.name, seed))
+    dd = aa = 0.0
+    picks_a, picks_d = [], []
+    pos = 0
+    d_buf = torch.empty(min(n, CHUNK))  # reused like iter_chunks' buffers: no page faults per piece
+    for a, b in zip(iter_chunks(a_info), iter_chunks(b_info)):
+        d = torch.sub(b, a, out=d_buf[: a.numel()])
+        dd += float(torch.dot(d, d))
+        aa += float(torch.dot(a, a))
+        if k == n:
+            picks_a.append(a.clone())
+            picks_d.append(d.clone())
+        else:
+            m = round(k * (pos + a.numel()) / n) - round(k * pos / n)
+            idx = torch.randint(a.numel(), (m,), generator=gen)
+            picks_a.append(a[idx])
+            picks_d.append(d[idx])
+        pos += a.numel()
+    a_s, d_s = (torch.cat(p) if p else torch.zeros(0) for p in (picks_a, picks_d))
+    eps = max(EPS_REL * float(a_s.abs().double().mean()) if a_s.numel() else 0.0, EPS_FLOOR)
+    t = symlog(d_s / a_s.abs().clamp_min(eps))
+    l2_diff, l2_base = math.sqrt(dd), math.sqrt(aa)
+    row = {
+        "name": a_info.name,
+        "role": role_of(a_info.name),
+        "layer": layer_index(a_info.name),
+        "dtype": a_info.dtype if a_info.dtype == b_info.dtype else f"{a_info.dtype}/{b_info.dtype}",
+        "shape": list(a_info.shape),
+        "numel": n,
+        "l2_base": l2_base,
+        "l2_diff": l2_diff,
+        "rel_change": l2_diff / l2_base if l2_base > 0 else (0.0 if l2_diff == 0 else math.inf),
+        "eps": eps,
+    }
+    weight = n / t.numel() if t.numel() else 0.0
+    hist = torch.histc(t.double().clamp(EDGES[0], EDGES[-1]), N_BINS, EDGES[0], EDGES[-1]) * weight
+    return row, hist, Moments.of(t, weight)
+
+
+def _finite(x):
+    return x if isinstance(x, (int, str)) or x is None or math.isfinite(x) else None
+
+
+@one_thread
+def delta(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    sample: int = SAMPLE,
+    seed: int = 0,
+    plots: bool = True,
+    overwrite: bool = False,
+    quiet: bool = False,
+    workers: int = 2,
+) -> dict:
+    """Compare A and B tensor by tensor; write delta.json, delta.csv and PNGs into `out`; return the JSON dict.
+
+    `workers` tensors are compared at once (threads); results are gathered in a fixed order, so the output does not
+    depend on it.
+    """
+    from tqdm.auto import tqdm
+
+    ck_a, ck_b = Checkpoint(a), Checkpoint(b)
+    check_output_dir(out, overwrite)
+    if sample < 1:
+        raise SfnError(f"--sample {sample} must be at least 1 (elements per tensor for the histograms).")
+    common = [n for n in ck_a.names if n in ck_b.tensors]
+    mismatched = [n for n in common if ck_a.tensors[n].shape != ck_b.tensors[n].shape]
+    skipped_dtype = [n for n in common if {ck_a.tensors[n].dtype, ck_b.tensors[n].dtype} - FLOAT_DTYPES]
+    pairs = [n for n in common if n not in set(mismatched) | set(skipped_dtype)]
+    if not pairs:
+        raise SfnError(
+            f"{ck_a.path} and {ck_b.path} share no tensor of the same shape: compare two checkpoints of one model."
+        )
+    # Read in A's file order: each shard of A is then read front to back.
+    pairs.sort(key=lambda n: (str(ck_a.tensors[n].file), ck_a.tensors[n].start))
+
+    rows, roles = [], {}
+    total = sum(ck_a.tensors[n].nbytes + ck_b.tensors[n].nbytes for n in pairs)
+    def one(name):
+        with torch_threads(1):
+            return tensor_delta(ck_a.tensors[name], ck_b.tensors[name], sample, seed)
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc="delta", disable=None) as bar, \
+            ThreadPoolExecutor(workers) as pool:
+        for name, (row, hist, moments) in zip(pairs, pool.map(one, pairs)):
+            rows.append(row)
+            stats = roles.setdefault(row["role"], RoleStats())
+            stats.hist += hist
+            stats.moments.merge(moments)
+            sums = stats.layers.setdefault(row["layer"], [0.0, 0.0])
+            sums[0] += row["l2_diff"] ** 2
+            sums[1] += row["l2_base"] ** 2
+            bar.update(ck_a.tensors[name].nbytes + ck_b.tensors[name].nbytes)
+
+    summary = {}
+    for role, stats in roles.items():
+        per_layer = {
+            layer: {"l2_diff": math.sqrt(dd), "rel_change": math.sqrt(dd / aa) if aa > 0 else None}
+            for layer, (dd, aa) in sorted(stats.layers.items(), key=lambda kv: -1 if kv[0] is None else kv[0])
+        }
+        rels = [v["rel_change"] for v in per_layer.values() if v["rel_change"] is not None]
+        dd_all = sum(s[0] for s in stats.layers.values())
+        aa_all = sum(s[1] for s in stats.layers.values())
+        role_rows = [r for r in rows if r["role"] == role]
+        summary[role] = {
+            "n_tensors": len(role_rows),
+            "numel": sum(r["numel"] for r in role_rows),
+            "mean_l2_diff": sum(v["l2_diff"] for v in per_layer.values()) / len(per_layer),
+            "mean_rel_change": sum(rels) / len(rels) if rels else None,
+            "pooled_rel_change": math.sqrt(dd_all / aa_all) if aa_all > 0 else None,
+            "per_layer": {("none" if k is None else str(k)): v for k, v in per_layer.items()},
+            "moments_of_t": stats.moments.summary(),
+            "histogram_counts": stats.hist.tolist(),
+        }
+    ranking = sorted(summary, key=lambda r: -(summary[r]["mean_rel_change"] or 0.0))
+
+    result = {
+        "settings": {
+            "a": str(ck_a.path),
+            "b": str(ck_b.path),
+            "relative_change_elementwise": "r = (B - A) / max(|A|, eps), eps = EPS_REL * mean|A| of the tensor "
+            "(over its sampled elements), at least EPS_FLOOR",
+            "EPS_REL": EPS_REL,
+            "EPS_FLOOR": EPS_FLOOR,
+            "histogram_variable": "t = sign(r) * log10(1 + |r| / LINTHRESH), clipped to the outer bin edges",
+            "LINTHRESH": LINTHRESH,
+            "bin_edges_t": EDGES,
+            "sample_per_tensor": sample,
+            "sampling": "uniform with replacement, seeded by (seed, name); weight numel/sample; all elements when "
+            "numel <= sample; norms always use every element",
+            "seed": seed,
+            "bimodality": "Sarle's BC = (g1^2 + 1) / (g2 + 3(n-1)^2/((n-2)(n-3))) of t; > 5/9 suggests bimodal",
+        },
+        "ranking": ranking,
+        "roles": summary,
+        "tensors": [{k: _finite(v) if not isinstance(v, list) else v for k, v in r.items()} for r in rows],
+        "only_in_a": [n for n in ck_a.names if n not in ck_b.tensors],
+        "only_in_b": [n for n in ck_b.names if n not in ck_a.tensors],
+        "skipped_shape_mismatch": mismatched,
+        "skipped_not_float": skipped_dtype,
+    }
+    with atomic_output_dir(out, overwrite) as tmp:
+        (tmp / "delta.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        _write_csv(tmp / "delta.csv", rows)
+        if plots:
+            _plot(tmp, summary, ranking)
+    if not quiet:
+        print(format_table(summary, ranking))
+    return result
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields = ["name", "role", "layer", "dtype", "shape", "numel", "l2_base", "l2_diff", "rel_change", "eps"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "shape": "x".join(map(str, r["shape"])), "layer": "" if r["layer"] is None else r["layer"]})
+
+
+def format_table(summary: dict, ranking: list[str]) -> str:
+    def fmt(x, spec):
+        return format(x, spec) if x is not None else "-".rjust(int(spec.split(".")[0]))
+
+    lines = [f"{'role':<14}{'tensors':>8}{'mean |dW|':>12}{'mean rel':>12}{'pooled rel':>12}{'BC(t)':>8}"]
+    for role in ranking:
+        s = summary[role]
+        lines.append(
+            f"{role:<14}{s['n_tensors']:>8}{fmt(s['mean_l2_diff'], '12.4g')}{fmt(s['mean_rel_change'], '12.4g')}"
+            f"{fmt(s['pooled_rel_change'], '12.4g')}{fmt(s['moments_of_t']['bimodality_coefficient'], '8.3f')}"
+        )
+    return "\n".join(lines)
+
+
+def _plot(out: Path, summary: dict, ranking: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].bar(ranking, [summary[r]["mean_l2_diff"] for r in ranking], color="tab:blue")
+    axes[0].set_title("||B - A||_F, mean over layers")
+    axes[1].bar(ranking, [summary[r]["mean_rel_change"] or 0 for r in ranking], color="tab:orange")
+    axes[1].set_title("||B - A|| / ||A||, mean over layers")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(out / "delta_l2_by_role.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for role in ranking:
+        layers = [(int(k), v["rel_change"]) for k, v in summary[role]["per_layer"].items() if k != "none"]
+        if layers:
+            ax.plot(*zip(*layers), marker=".", label=role)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("||B - A|| / ||A||")
+    ax.set_title("relative change per layer")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "delta_rel_by_layer.png", dpi=100)
+    plt.close(fig)
+
+    cols = min(4, len(ranking))
+    rows = math.ceil(len(ranking) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    centers = [(EDGES[i] + EDGES[i + 1]) / 2 for i in range(N_BINS)]
+    ticks = [-T_MAX, -6, -2, 0, 2, 6, T_MAX]
+    labels = ["-1e3", "-1", "-1e-4", "0", "1e-4", "1", "1e3"]
+    for ax, role in zip(axes.flat, ranking):
+        ax.bar(centers, summary[role]["histogram_counts"], width=BIN_WIDTH, color="tab:green")
+        ax.set_yscale("log")
+        ax.set_xticks(ticks, labels, fontsize=7)
+        ax.set_title(f"{role} (BC {summary[role]['moments_of_t']['bimodality_coefficient'] or 0:.2f})", fontsize=9)
+    for ax in list(axes.flat)[len(ranking):]:
+        ax.axis("off")
+    fig.suptitle("element-wise (B - A) / max(|A|, eps), symmetric log axis", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "delta_hist_by_role.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,140 @@
+"""Which `checkpoint-N` folder a resumed run may start from: the latest one that is complete.
+
+What the HF Trainer (transformers 5.24) guarantees, and what it does not:
+
+- `Trainer._save_checkpoint` writes straight into `output_dir/checkpoint-N` (no temporary folder, no rename, no
+  fsync), in this order: model weights (`save_model`), optimizer (`optimizer.pt`, or DeepSpeed's
+  `global_stepN/*_optim_states.pt` on every rank, ending in a barrier), `scheduler.pt`, RNG state (`rng_state.pth`, or
+  `rng_state_<rank>.pth` written by each rank *without* a barrier), and last `trainer_state.json` (rank 0).
+- `get_last_checkpoint` (used for `resume_from_checkpoint: true`) takes the highest-numbered `checkpoint-N` folder
+  whatever its contents. A run killed while saving leaves that folder half-written, and the next resume fails to
+  load it -- or, worse, loads it: a missing `rng_state_1.pth` is only logged at INFO and the resumed run silently
+  stops reproducing the uninterrupted one; a missing optimizer file restarts Adam from zero.
+
+So `resume_from_checkpoint: true` is resolved here instead: the highest-numbered folder that passes `problems()`
+(trainer_state.json parses and names that step; every safetensors file's header and length check out; optimizer,
+scheduler and every rank's RNG file are present, and each torch file is a whole zip archive), logging each newer
+folder it skips and why. Nothing is deleted: an incomplete folder stays for inspection and is overwritten when the
+resumed run reaches that step again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import zipfile
+from pathlib import Path
+
+from .errors import SfnError
+
+logger = logging.getLogger("sfn_train")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")  # the HF Trainer's own pattern (trainer_utils._re_checkpoint)
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive whose directory is at the end: a file cut short has none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        return f"{path.name} is not a complete torch file ({type(exc).__name__})"
+    return None
+
+
+def _weights_problems(folder: Path) -> list[str]:
+    from .checkpoint import INDEX_FILE, SINGLE_FILE, read_header
+
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return [f"{INDEX_FILE} is unreadable"]
+    elif (folder / SINGLE_FILE).exists():
+        files = [SINGLE_FILE]
+    else:
+        return ["no model weights (model.safetensors)"]
+    problems = []
+    for name in files:
+        if not (folder / name).is_file():
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            read_header(folder / name)
+        except SfnError:
+            problems.append(f"{name} is truncated or damaged")
+    return problems
+
+
+def problems(folder: str | Path, world_size: int = 1) -> list[str]:
+    """Why `folder` (a `checkpoint-N`) cannot be resumed from by a run of `world_size` processes; [] if it can."""
+    folder = Path(folder)
+    match = CHECKPOINT_RE.match(folder.name)
+    found: list[str] = []
+    state_file = folder / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or "global_step" not in state:
+            found.append("trainer_state.json has no global_step")
+        elif match and int(state["global_step"]) != int(match.group(1)):
+            found.append(f"trainer_state.json is for step {state['global_step']}")
+    except FileNotFoundError:
+        found.append("trainer_state.json is missing (the save did not finish)")
+    except (OSError, ValueError, TypeError):
+        found.append("trainer_state.json is unreadable")
+    found += _weights_problems(folder)
+
+    deepspeed_dirs = [p for p in folder.glob("global_step*") if p.is_dir()]
+    if deepspeed_dirs:
+        for ds_dir in deepspeed_dirs:
+            optim = list(ds_dir.glob("*optim_states.pt"))
+            if len(optim) < world_size:
+                found.append(f"{ds_dir.name} holds {len(optim)} optimizer shard(s) for {world_size} process(es)")
+            if not list(ds_dir.glob("*model_states.pt")):
+                found.append(f"{ds_dir.name} has no model states")
+    else:
+        if not (folder / "optimizer.pt").is_file():
+            found.append("optimizer.pt is missing")
+        if not (folder / "scheduler.pt").is_file():
+            found.append("scheduler.pt is missing")
+    rng = ["rng_state.pth"] if world_size == 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    found += [f"{name} is missing" for name in rng if not (folder / name).is_file()]
+    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("global_step*/*.pt")]):
+        problem = _torch_file_problem(path)
+        if problem:
+            found.append(problem)
+    return found
+
+
+def latest_complete_checkpoint(output_dir: str | Path, world_size: int = 1) -> tuple[Path | None, dict[str, list[str]]]:
+    """(the highest-numbered complete `checkpoint-N` in `output_dir` or None, {skipped newer folder: its problems})."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None, {}
+    folders = sorted(
+        (p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)),
+        key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)),
+        reverse=True,
+    )
+    skipped: dict[str, list[str]] = {}
+    for folder in folders:
+        found = problems(folder, world_size)
+        if not found:
+            return folder, skipped
+        skipped[folder.name] = found
+    return None, skipped
+
+
+def resolve_latest(output_dir: str | Path, world_size: int = 1) -> str:
+    """The folder `resume_from_checkpoint: true` means, logging skipped ones; SfnError when there is none."""
+    folder, skipped = latest_complete_checkpoint(output_dir, world_size)
+    for name, found in skipped.items():
+        logger.warning("resume: skipping incomplete %s (%s).", name, "; ".join(found))
+    if folder is None:
+        detail = f" ({len(skipped)} incomplete: {', '.join(skipped)})" if skipped else ""
+        raise SfnError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-* folder{detail}: "
+                       "start without resuming.")
+    logger.info("resume: from %s", folder)
+    return str(folder)
