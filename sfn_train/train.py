@@ -74,10 +74,11 @@ def deepspeed_stage(training_args) -> int | None:
 def check_run_setup(training_args, model_args, sfn_args) -> None:
     """Refuse, before any model is loaded, the combinations that would waste a run or fail late."""
     if sfn_args.quantize_frozen != "none":
-        raise SfnError(
-            f"quantize_frozen: {sfn_args.quantize_frozen} is not yet supported (issue 6 delivers it); "
-            "use quantize_frozen: none."
-        )
+        # Issue 6: bitsandbytes must be able to quantize and backpropagate on this device (a tiny probe), and the run
+        # must be single-process or DDP; otherwise one line now, not a traceback after the model has loaded.
+        from .quantize import check_quantize_setup
+
+        check_quantize_setup(training_args, sfn_args.quantize_frozen)
     if getattr(model_args, "use_peft", False):
         raise SfnError("use_peft is set, but sfn-train trains the real weights of the named modules: remove use_peft "
                        "(for LoRA use TRL's own sft script).")
@@ -329,6 +330,14 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     ################
     model = load_model(model_args, training_args.trust_remote_code)
     selection = freeze(model, sfn_args)
+    quantized = sfn_args.quantize_frozen != "none"
+    if quantized:
+        # Issue 6: the frozen linear layers become bitsandbytes layers on the training device; the trained ones,
+        # embeddings, norms and lm_head stay as loaded. Why this way into the Trainer: sfn_train/quantize.py.
+        from .quantize import quantize_frozen
+
+        selection["quantize_frozen"] = quantize_frozen(model, selection["trainable_tensors"], sfn_args.quantize_frozen,
+                                                       training_args.device)
     configure_activation_checkpointing(model, training_args)
 
     ################
@@ -366,13 +375,22 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     # (atomic) with status "complete"; a run killed or out of disk before that leaves status "running".
     ################
     try:
-        trainer.save_model(str(output_dir))
+        if not quantized:  # a quantized model is never saved as it is: see save_full_precision below
+            trainer.save_model(str(output_dir))
         trainer.save_state()  # trainer_state.json: the loss curve (log_history), as JSON
         state.wait_for_everyone()
         if trainer.is_world_process_zero():
             # The Trainer pickles its arguments next to the weights; the manifest records them as JSON instead.
             (output_dir / "training_args.bin").unlink(missing_ok=True)
-            write_plugin_from_checkpoint(output_dir, selection, fingerprint)
+            if quantized:
+                # Issue 6: the trained tensors in full precision as the plugin, and the output checkpoint rebuilt
+                # from the unquantized base's own files with them in place (loads without bitsandbytes).
+                from .quantize import save_full_precision
+
+                save_full_precision(model, selection, output_dir, model_args.model_name_or_path, fingerprint,
+                                    tokenizer)
+            else:
+                write_plugin_from_checkpoint(output_dir, selection, fingerprint)
             write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "complete",
                                                                   metrics))
             logger.info("saved checkpoint, plugin and manifest to %s", output_dir)

@@ -108,3 +108,13 @@ def test_selection_is_pure(models):
     flags = [p.requires_grad for p in model.parameters()]
     select_parameters(model, ["o_proj"])
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_select_command_lists_the_tensors_without_loading_weights(qwen2_base, capsys):
+    from sfn_train.cli import main
+
+    assert main(["select", str(qwen2_base), "--modules", "o_proj", "--layers", "1-2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[:2] == ["model.layers.1.self_attn.o_proj.weight\t[64, 64]", "model.layers.2.self_attn.o_proj.weight\t[64, 64]"]
+    assert lines[2].startswith("trainable: 8,192 of ") and lines[2].endswith("in 2 tensors")
+    assert main(["select", str(qwen2_base), "--modules", "o_prj"]) == 2

@@ -187,8 +187,8 @@ def test_unknown_flag_and_wrong_type(tmp_path, capsys, qwen2_base, sum_data):
     assert "learning_rate" in run_bad(tmp_path, capsys, qwen2_base, sum_data, learning_rate="fast")
 
 
-def test_quantize_frozen_not_yet_supported(tmp_path, capsys, qwen2_base, sum_data):
-    assert "not yet supported" in run_bad(tmp_path, capsys, qwen2_base, sum_data, quantize_frozen="4bit")
+def test_quantize_frozen_invalid_choice(tmp_path, capsys, qwen2_base, sum_data):
+    # 4bit / 8bit themselves: tests/test_quantize.py
     assert "quantize_frozen" in run_bad(tmp_path, capsys, qwen2_base, sum_data, quantize_frozen="3bit")
 
 

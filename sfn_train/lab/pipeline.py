@@ -56,10 +56,10 @@ class LabSize:
 
 
 SIZES = {
-    "tiny": LabSize(64, 2, 4, 2, 600, 400, 1, 3e-3, 200, 1, 40),  # for the test suite: runs, proves nothing
-    "small": LabSize(128, 4, 4, 2, 3800, 2000, 3, 3e-3, 1500, 2, None),
-    "medium": LabSize(192, 6, 6, 2, 8000, 3000, 4, 2e-3, 4000, 3, None),
-    "large": LabSize(256, 8, 8, 2, 20000, 5000, 5, 1.5e-3, 10000, 3, None),
+    "tiny": LabSize(64, 2, 4, 2, 600, 400, 1, 1e-3, 200, 1, 40),  # for the test suite: runs, proves nothing
+    "small": LabSize(128, 4, 4, 2, 1600, 6000, 2, 1e-3, 3000, 2, None),
+    "medium": LabSize(192, 6, 6, 2, 8000, 3000, 4, 1e-3, 6000, 3, None),
+    "large": LabSize(256, 8, 8, 2, 20000, 5000, 5, 7e-4, 12000, 3, None),
 }
 
 

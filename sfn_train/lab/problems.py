@@ -2,12 +2,14 @@
 
 A problem is a start digit and 1-5 operations (add, subtract, multiply by a digit), all modulo 10:
 
-    problem:   "Start at 7. Add 5. Multiply by 3. Subtract 4. Work mod 10."
+    problem:   "Start at 7. Apply +5 *3 -4. Work mod 10."
     direct:    "The answer is \\boxed{2}."
     reasoning: "7+5=2. 2*3=6. 6-4=2. The answer is \\boxed{2}."
 
 One step is a table of 270 facts, easy to learn; several steps answered in one shot ask a small model to compose them
-in a single forward pass, which it does poorly; written out step by step, each token needs one fact. That gap is what the lab's fine-tunes must close: base model A is
+in a single forward pass, which it does poorly; written out step by step, each token needs one fact. Operations are
+written compactly (`+5 *3 -4`) so that the k-th one sits at a fixed offset: a model this small learns to copy by
+position in a few hundred steps, but not to find "the third sentence" (measured: it did not, in 3 epochs). That gap is what the lab's fine-tunes must close: base model A is
 pre-trained on direct text only, B/C/F1-F3 are fine-tuned on reasoning traces.
 
 Train and test splits never share a problem (deduplicated on the problem text before the split).
@@ -20,7 +22,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-OPS = {"add": "Add {}.", "sub": "Subtract {}.", "mul": "Multiply by {}."}
+OPS = ("add", "sub", "mul")
 SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
 PROMPT_SUFFIX = ""
 
@@ -32,7 +34,8 @@ class Problem:
 
     @property
     def text(self) -> str:
-        return " ".join([f"Start at {self.start}."] + [OPS[op].format(x) for op, x in self.steps] + ["Work mod 10."])
+        ops = " ".join(f"{SYMBOL[op]}{x}" for op, x in self.steps)
+        return f"Start at {self.start}. Apply {ops}. Work mod 10."
 
     def values(self) -> list[int]:
         value, out = self.start, [self.start]
@@ -63,7 +66,7 @@ def apply(op: str, value: int, x: int) -> int:
 def random_problem(rng: random.Random, n_steps: int) -> Problem:
     steps = []
     for _ in range(n_steps):
-        op = rng.choice(list(OPS))
+        op = rng.choice(OPS)
         steps.append((op, rng.randint(2, 9) if op == "mul" else rng.randint(1, 9)))
     return Problem(rng.randint(0, 9), tuple(steps))
 

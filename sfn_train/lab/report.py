@@ -206,7 +206,7 @@ def _findings(results: dict, destroy: dict, delta_ranking: list[str], seed: int)
         out.append(f"The full fine-tune B did NOT significantly beat the base A ({acc['full']:.3f} vs {acc['A']:.3f}, "
                    f"p={t_ba['p_value']:.3f}); the rest of this report compares variants that did not clearly learn.")
     gain_b = acc["full"] - acc["A"]
-    if gain_b > 0:
+    if t_ba["p_value"] < ALPHA and gain_b > 0:  # a share of a gain that is noise would mean nothing
         share = (acc["oproj"] - acc["A"]) / gain_b
         t_cb = _test(c, b, seed)
         verdict = ("not significantly different from B" if t_cb["p_value"] >= ALPHA else
