@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_step.py                 # ~55M-parameter Qwen2, CPU, a few minutes
     .venv/bin/python bench/train_step.py --hidden 1024 --layers 16 --steps 20
+    .venv/bin/python bench/train_step.py --quantize_frozen 4bit   # adds the variant oproj_4bit
 
 Every variant trains the same model on the same batches through TRL's SFTTrainer, each in its own process (so peak
 RSS is that variant's own), alternating variants over `--rounds` to spread machine noise:
@@ -9,9 +10,12 @@ RSS is that variant's own), alternating variants over `--rounds` to spread machi
 - full:        sfn_train.run_sft with trainable_modules: all
 - oproj:       sfn_train.run_sft with trainable_modules: [o_proj]
 - oproj_plain: TRL's SFTTrainer on a model whose non-o_proj parameters were frozen by hand (the plain way)
+- oproj_4bit / oproj_8bit (with --quantize_frozen): oproj with the frozen linear layers quantized by bitsandbytes
 
 Step time: median over the timed steps (after warm-up) of every round. Memory: peak RSS of the process minus its RSS
 once the model is loaded, i.e. what training adds on top of the weights (gradients, optimizer state, activations).
+Step peak: the peak RSS of the training steps alone (the mark is reset once the model is loaded, so a quantized
+variant's brief full-precision load does not count).
 """
 
 from __future__ import annotations
@@ -65,21 +69,39 @@ class StepTimer:
         class _Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
                 timer.rss_at_start = rss_mb()  # weights loaded; no gradients or Adam moments exist yet
+                timer.load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the reset
+                reset_peak_rss()
 
             def on_step_begin(self, args, state, control, **kw):
                 timer.start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
                 timer.times.append(time.perf_counter() - timer.start)
+                timer.step_peak = max(timer.step_peak, peak_rss_mb())
 
         self.times: list[float] = []
         self.rss_at_start = 0.0
+        self.step_peak = self.load_peak = 0.0
         self.callback = _Callback()
 
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the step peak includes loading
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def run_variant(variant: str, model_dir: str, data: str, steps: int, batch: int, seq: int, out: str) -> dict:
@@ -100,6 +122,7 @@ def run_variant(variant: str, model_dir: str, data: str, steps: int, batch: int,
         "logging_steps": 1000, "save_strategy": "no", "report_to": "none", "seed": 0, "bf16": False,
         "gradient_checkpointing": False, "dataloader_num_workers": 0, "disable_tqdm": True,
         "trainable_modules": "all" if variant == "full" else ["o_proj"],
+        "quantize_frozen": variant.split("_")[1] if variant in ("oproj_4bit", "oproj_8bit") else "none",
     }))
     script_args, training_args, model_args, sfn_args = parse_recipe(["--config", str(recipe)])
     if variant == "oproj_plain":
@@ -118,9 +141,10 @@ def run_variant(variant: str, model_dir: str, data: str, steps: int, batch: int,
         # Ours: exactly what `sfn train` runs.
         sfn_args.overwrite_output_dir = True
         sfn.run_sft(script_args, training_args, model_args, sfn_args, callbacks=[timer.callback])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the step-peak reset also lowers ru_maxrss, so the loading peak recorded before it is folded back in
+    peak = max(timer.load_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"variant": variant, "step_s": timer.times, "rss_model_mb": timer.rss_at_start, "peak_rss_mb": peak,
-            "train_added_mb": peak - timer.rss_at_start}
+            "train_added_mb": peak - timer.rss_at_start, "step_peak_mb": timer.step_peak}
 
 
 def main() -> None:
@@ -134,6 +158,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps per round (the first 2 are warm-up)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default="full,oproj,oproj_plain")
+    parser.add_argument("--quantize_frozen", choices=["none", "4bit", "8bit"], default="none",
+                        help="also run oproj with the frozen linears quantized (variant oproj_4bit / oproj_8bit)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -143,6 +169,8 @@ def main() -> None:
         return
 
     variants = args.variants.split(",")
+    if args.quantize_frozen != "none" and f"oproj_{args.quantize_frozen}" not in variants:
+        variants.append(f"oproj_{args.quantize_frozen}")
     with tempfile.TemporaryDirectory(prefix="sfn-bench-") as tmp:
         tmp = Path(tmp)
         model_dir, data, n_params = build_assets(tmp, args.hidden, args.layers, args.vocab, args.seq, 64)
@@ -170,10 +198,13 @@ def main() -> None:
             "median_step_s": statistics.median(times),
             "train_added_mb": statistics.median(r["train_added_mb"] for r in runs),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+            "step_peak_mb": statistics.median(r["step_peak_mb"] for r in runs),
         }
-    print(f"\n{'variant':<12} {'median step (s)':>16} {'peak RSS (MB)':>14} {'added by training (MB)':>22}")
+    print(f"\n{'variant':<12} {'median step (s)':>16} {'peak RSS (MB)':>14} {'added by training (MB)':>22} "
+          f"{'step peak (MB)':>15}")
     for variant, s in summary.items():
-        print(f"{variant:<12} {s['median_step_s']:>16.3f} {s['peak_rss_mb']:>14.0f} {s['train_added_mb']:>22.0f}")
+        print(f"{variant:<12} {s['median_step_s']:>16.3f} {s['peak_rss_mb']:>14.0f} {s['train_added_mb']:>22.0f} "
+              f"{s['step_peak_mb']:>15.0f}")
     if "full" in summary and "oproj" in summary:
         f, o = summary["full"], summary["oproj"]
         print(f"\noproj / full      step time {o['median_step_s'] / f['median_step_s']:.2f}x   "
@@ -184,6 +215,11 @@ def main() -> None:
         print(f"ours / plain      step time {o['median_step_s'] / p['median_step_s']:.2f}x   "
               f"peak RSS {o['peak_rss_mb'] / p['peak_rss_mb']:.2f}x   "
               f"training memory {o['train_added_mb'] / p['train_added_mb']:.2f}x")
+    for q in ("oproj_4bit", "oproj_8bit"):
+        if "oproj" in summary and q in summary:
+            o, s = summary["oproj"], summary[q]
+            print(f"{q} / oproj  step time {s['median_step_s'] / o['median_step_s']:.2f}x   "
+                  f"step peak RSS {s['step_peak_mb'] / o['step_peak_mb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def quantized_linear(linear, mode: str, device):
 def quantize_frozen(model, trainable, mode: str, device) -> dict:
     """Swap every frozen linear of `model` (see `quantization_plan`) for a bitsandbytes layer on `device`, in place.
 
-    Module by module, so that at most one layer exists in both precisions at a time. Returns a summary for the
+    Module by module, so the accelerator never holds a frozen layer in full precision. Returns a summary for the
     manifest.
     """
     quantize, keep = quantization_plan(model, trainable)
@@ -152,11 +152,26 @@ def quantize_frozen(model, trainable, mode: str, device) -> dict:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, quantized_linear(getattr(parent, child), mode, device))
     check_nothing_quantized_trains(model)
+    release_checkpoint_mapping(model, device)
     after = _param_bytes(model)
     logger.info("quantize_frozen %s: %d frozen linear layers quantized (%d kept in full precision); weights %.1f MB "
                 "-> %.1f MB", mode, len(quantize), len(keep), before / 2**20, after / 2**20)
     return {"mode": mode, "quantized_linears": len(quantize), "full_precision_linears": keep,
             "weight_bytes_before": before, "weight_bytes_after": after}
+
+
+def release_checkpoint_mapping(model, device) -> None:
+    """Give every full-precision parameter its own memory on `device`, so the checkpoint's memory map can close.
+
+    `from_pretrained` maps the safetensors files and its CPU tensors are views of that map. Quantizing reads every
+    frozen weight, and while any tensor (an embedding, a norm) still views the map, all the pages read stay mapped
+    and counted in the process's memory: on a CPU the quantized run would use more memory than the plain one.
+    """
+    import bitsandbytes as bnb
+
+    for _, param in model.named_parameters():
+        if not isinstance(param, (bnb.nn.Params4bit, bnb.nn.Int8Params)):
+            param.data = param.data.to(device, copy=True)
 
 
 def check_nothing_quantized_trains(model) -> None:

@@ -90,6 +90,31 @@ def test_quantized_run_trains_the_selection_and_saves_the_full_precision_base(tm
     assert (out / "tokenizer.json").exists() and (out / "trainer_state.json").exists()
 
 
+def test_any_selection_trains_through_8bit(tmp_path, qwen2_base, sum_data):
+    from sfn_train.roles import select_names
+
+    out = train(tmp_path, qwen2_base, sum_data, quantize_frozen="8bit", trainable_modules=["q_proj", "down_proj"],
+                trainable_layers=[0, 3])
+    changed, _ = changed_tensors(qwen2_base, out)
+    assert changed == set(select_names(list(load_tensors(qwen2_base)), ["q_proj", "down_proj"], [0, 3]))
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, qwen2_base, sum_data):
+    """checkpoint-N folders hold the quantized model (for resuming only); resuming re-quantizes the same base."""
+    import shutil
+
+    save = dict(max_steps=4, save_strategy="steps", save_steps=2, quantize_frozen="4bit")
+    (tmp_path / "full").mkdir()
+    reference = train(tmp_path / "full", qwen2_base, sum_data, **save)
+    (tmp_path / "resumed" / "out").mkdir(parents=True)
+    out = tmp_path / "resumed" / "out"
+    shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
+    train(tmp_path / "resumed", qwen2_base, sum_data, resume_from_checkpoint="true", **save)
+    resumed, expected = load_tensors(out), load_tensors(reference)
+    assert changed_tensors(qwen2_base, out)[0] == O_PROJ
+    assert all(torch.equal(resumed[n], expected[n]) for n in expected)
+
+
 LOAD_WITHOUT_BNB = r"""
 import sys
 class NoBitsandbytes:  # any attempt to import bitsandbytes fails, as on a machine without it
@@ -191,13 +216,17 @@ def step_peak(tmp_path, base, data, mode) -> int:
 
 @pytest.mark.slow
 def test_4bit_lowers_the_peak_memory_of_a_training_step(tmp_path, sum_data):
-    """8 layers, hidden 512: the frozen linears are 67 MB in fp32 and ~9 MB in NF4; demand a 25 MB lower peak."""
+    """Peak RSS of training steps (the mark reset once the model is loaded), same model, none vs 4bit.
+
+    8 layers, hidden 1024: the frozen linears are 252 MB in fp32 and ~35 MB in NF4, but importing bitsandbytes
+    alone adds ~115 MB of RSS on this CPU, so the expected gain is ~100 MB (measured: 995 vs 896 MB); demand 40 MB.
+    """
     from sfn_train.tiny import save_tiny_checkpoint
 
-    base = save_tiny_checkpoint(tmp_path / "base", "qwen2", hidden=512, layers=8)
+    base = save_tiny_checkpoint(tmp_path / "base", "qwen2", hidden=1024, layers=8)
     none, nf4 = step_peak(tmp_path, base, sum_data, "none"), step_peak(tmp_path, base, sum_data, "4bit")
     print(f"peak RSS of a training step: none {none / 2**20:.0f} MB, 4bit {nf4 / 2**20:.0f} MB")
-    assert nf4 < none - 25 * 2**20, (none, nf4)
+    assert nf4 < none - 40 * 2**20, (none, nf4)
 
 
 @pytest.mark.slow

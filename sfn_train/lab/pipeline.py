@@ -34,6 +34,7 @@ VARIANTS = {
     "f1": "embed + lm_head + norms (F1)",
     "f2": "F1 + o_proj (F2)",
     "f3": "F1 + q,k,v,o_proj (F3)",
+    "oproj_4bit": "o_proj over a 4-bit frozen base",
 }
 # The paper's merges (Table 1): A with B's modules
 MERGES = {"m1_oproj": "o_proj", "m2_qkv": "q_proj,k_proj,v_proj", "m3_mlp": "mlp"}

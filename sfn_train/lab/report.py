@@ -218,6 +218,12 @@ def _findings(results: dict, destroy: dict, delta_ranking: list[str], seed: int)
         out.append(f"Adding o_proj to embed+lm_head+norms: F1 {f1:.3f} -> F2 {f2:.3f}; F3 (q,k,v,o) {acc['f3']:.3f}. "
                    + ("As in the paper, o_proj is what lifts F1." if f2 > f1 and _test(results['f2'], results['f1'], seed)["p_value"] < ALPHA
                       else "Unlike the paper, adding o_proj does not significantly lift F1 here."))
+    if "oproj_4bit" in results:
+        t_q = _test(results["oproj_4bit"], c, seed)
+        out.append(f"o_proj trained over a 4-bit frozen base: {acc['oproj_4bit']:.3f} vs {acc['oproj']:.3f} over the "
+                   f"full-precision base (Δ {t_q['delta']:+.3f}, p={t_q['p_value']:.3f}): "
+                   + ("no significant cost from quantizing the frozen layers." if t_q["p_value"] >= ALPHA else
+                      "quantizing the frozen layers changed the result significantly."))
     merges = {m: acc[m] for m in ("m1_oproj", "m2_qkv", "m3_mlp")}
     best = max(merges, key=merges.get)
     t_m1 = _test(results["m1_oproj"], a, seed)
