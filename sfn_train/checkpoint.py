@@ -181,6 +181,26 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 @contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; rename it to `path` only when the block succeeds.
+
+    Readers never see half a file; a failed or interrupted write leaves no temporary file behind, and a full disk
+    is one line naming it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `out` only when the block finishes without error.
 

@@ -39,17 +39,8 @@ def git_revision() -> dict[str, str | bool | None]:
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:
     """Write JSON via a temporary file and rename: readers never see half a file."""
-    path = Path(path)
-    from .errors import disk_full_error, is_disk_full
+    from .checkpoint import atomic_file
 
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(path) from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write leaves no partial temp file behind
-    return path
+    return Path(path)

@@ -16,7 +16,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import SfnError, disk_full_error, is_disk_full
+from .checkpoint import atomic_file, read_header
+from .errors import SfnError
 
 PLUGIN_FORMAT = "sfn-plugin/1"
 PLUGIN_FILE = "sfn_plugin.safetensors"
@@ -36,22 +37,12 @@ def write_plugin(path: str | os.PathLike, tensors: dict, *, base_fingerprint: st
         "layers": json.dumps(layers),
         "source": str(source),
     }
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
+    with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except Exception as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(path) from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
 def read_plugin_metadata(path: str | os.PathLike) -> dict:
-    from .checkpoint import read_header
-
     path = Path(path)
     if not path.is_file():
         raise SfnError(f"plugin file {path} does not exist; pass the .safetensors file a run or `sfn plugin extract` wrote.")

@@ -34,6 +34,7 @@ from collections import deque
 from pathlib import Path
 
 from ..errors import SfnError
+from .tasks import iter_jsonl
 
 DEFAULT_GRADER = "sfn_train.evaluation.grading:grade_item"
 DEFAULT_TIMEOUT_S = 30.0
@@ -330,22 +331,12 @@ def grade_file(path_in: str | os.PathLike, path_out: str | os.PathLike, *, timeo
     `reason` is added too when an item could not be graded normally (timeout, grader error). Returns a summary.
     """
     path_in, path_out = Path(path_in), Path(path_out)
-    if not path_in.is_file():
-        raise SfnError(f"responses file {path_in} does not exist; pass a JSONL of {{response, answer}} rows.")
     rows = []
-    with open(path_in, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SfnError(f"{path_in}:{lineno} is not valid JSON ({exc.msg}); write one JSON object a line.") from None
-            if not isinstance(row, dict) or "response" not in row or "answer" not in row:
-                raise SfnError(f"{path_in}:{lineno} needs the fields 'response' and 'answer'.")
-            if row.get("type", "math") not in ("math", "choice", "exact"):
-                raise SfnError(f"{path_in}:{lineno}: type {row['type']!r} is unknown; use math, choice or exact.")
-            rows.append(row)
+    for lineno, row in iter_jsonl(path_in, ("response", "answer"), "responses file",
+                                  "a JSONL of {response, answer} rows"):
+        if row.get("type", "math") not in ("math", "choice", "exact"):
+            raise SfnError(f"{path_in}:{lineno}: type {row['type']!r} is unknown; use math, choice or exact.")
+        rows.append(row)
     items = [{"response": r["response"], "answer": str(r["answer"]), "type": r.get("type", "math"),
               "choices": r.get("choices")} for r in rows]
     graded = grade_many(items, timeout_s=timeout_s, workers=workers, progress=progress)

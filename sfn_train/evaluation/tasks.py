@@ -157,12 +157,12 @@ for _name, _type, _hub_id, _loader in [
 # Loading
 
 
-def read_problems(path: str | os.PathLike, answer_type: str | None = None) -> list[dict]:
-    """Read and check a problems JSONL: a clear error names the file and line of the first bad row."""
+def iter_jsonl(path: str | os.PathLike, required: tuple[str, ...], what: str, expected: str):
+    """(line number, row) for each non-blank line of a JSONL file, with one-line errors naming the file and line
+    of a row that is not a JSON object holding the `required` fields. Shared by task files and `sfn grade` input."""
     path = Path(path)
     if not path.is_file():
-        raise SfnError(f"task file {path} does not exist; pass a JSONL file with one {{id, problem, answer}} object a line.")
-    problems, seen = [], set()
+        raise SfnError(f"{what} {path} does not exist; pass {expected}.")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -171,17 +171,26 @@ def read_problems(path: str | os.PathLike, answer_type: str | None = None) -> li
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SfnError(f"{path}:{lineno} is not valid JSON ({exc.msg}); write one JSON object a line.") from None
-            if not isinstance(row, dict) or "problem" not in row or "answer" not in row:
-                raise SfnError(f"{path}:{lineno} needs the fields 'problem' and 'answer' (and ideally 'id').")
-            row = dict(row)
-            row["id"] = str(row.get("id", lineno))
-            if row["id"] in seen:
-                raise SfnError(f"{path}:{lineno} repeats id {row['id']!r}; every problem needs its own id.")
-            seen.add(row["id"])
-            row["answer"] = str(row["answer"])
-            if answer_type == "choice" and not row.get("choices") and row["answer"] not in LETTERS[:4]:
-                raise SfnError(f"{path}:{lineno}: a choice task's answer must be a letter A-D or come with 'choices'.")
-            problems.append(row)
+            if not isinstance(row, dict) or any(k not in row for k in required):
+                raise SfnError(f"{path}:{lineno} needs the fields {' and '.join(repr(k) for k in required)}.")
+            yield lineno, row
+
+
+def read_problems(path: str | os.PathLike, answer_type: str | None = None) -> list[dict]:
+    """Read and check a problems JSONL: a clear error names the file and line of the first bad row."""
+    path = Path(path)
+    problems, seen = [], set()
+    for lineno, row in iter_jsonl(path, ("problem", "answer"), "task file",
+                                  "a JSONL file with one {id, problem, answer} object a line"):
+        row = dict(row)
+        row["id"] = str(row.get("id", lineno))
+        if row["id"] in seen:
+            raise SfnError(f"{path}:{lineno} repeats id {row['id']!r}; every problem needs its own id.")
+        seen.add(row["id"])
+        row["answer"] = str(row["answer"])
+        if answer_type == "choice" and not row.get("choices") and row["answer"] not in LETTERS[:4]:
+            raise SfnError(f"{path}:{lineno}: a choice task's answer must be a letter A-D or come with 'choices'.")
+        problems.append(row)
     if not problems:
         raise SfnError(f"task file {path} holds no problems; write one {{id, problem, answer}} object a line.")
     return problems
