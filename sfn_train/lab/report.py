@@ -211,9 +211,11 @@ def _findings(results: dict, destroy: dict, delta_ranking: list[str], seed: int)
         t_cb = _test(c, b, seed)
         verdict = ("not significantly different from B" if t_cb["p_value"] >= ALPHA else
                    ("significantly worse than B" if t_cb["delta"] < 0 else "significantly better than B"))
-        out.append(f"Training only o_proj (C) recovers {share:.0%} of B's gain over A ({acc['oproj']:.3f}); C is "
-                   f"{verdict} (p={t_cb['p_value']:.3f}). The paper reports o_proj-centred tuning (F2) close to full "
-                   f"tuning on AIME/MATH/GPQA.")
+        recovered = (f"recovers {share:.0%} of B's gain over A" if share > 0 else
+                     f"does not improve on A ({acc['oproj']:.3f} vs {acc['A']:.3f})")
+        out.append(f"Training only o_proj (C) {recovered}; C scores {acc['oproj']:.3f} and is {verdict} "
+                   f"(p={t_cb['p_value']:.3f}). The paper reports o_proj-centred tuning (F2) close to full tuning on "
+                   "AIME/MATH/GPQA at 14B/32B.")
         f2, f1 = acc["f2"], acc["f1"]
         out.append(f"Adding o_proj to embed+lm_head+norms: F1 {f1:.3f} -> F2 {f2:.3f}; F3 (q,k,v,o) {acc['f3']:.3f}. "
                    + ("As in the paper, o_proj is what lifts F1." if f2 > f1 and _test(results['f2'], results['f1'], seed)["p_value"] < ALPHA
