@@ -139,10 +139,16 @@ def check_output_dir(training_args, sfn_args, resuming: bool) -> None:
 def load_tokenizer(model_args, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision,
-        trust_remote_code=trust_remote_code,
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path, revision=model_args.model_revision,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as exc:  # a missing local folder is looked up on the hub: say what was tried, in one line
+        raise SfnError(
+            f"model_name_or_path {model_args.model_name_or_path!r} is neither a local checkpoint folder nor loadable "
+            f"from the hub ({type(exc).__name__}); check the path (relative paths start from the launch folder)."
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

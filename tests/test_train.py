@@ -222,3 +222,10 @@ def test_column_templates_map_other_layouts(tmp_path, qwen2_base):
 
 def test_resume_without_checkpoint(tmp_path, capsys, qwen2_base, sum_data):
     assert "no complete checkpoint" in run_bad(tmp_path, capsys, qwen2_base, sum_data, resume_from_checkpoint="true")
+
+
+def test_missing_model_is_one_line(tmp_path, capsys, sum_data):
+    line = run_bad(tmp_path, capsys, tmp_path / "no-such-model", sum_data)
+    assert "no-such-model" in line and "model_name_or_path" in line
+    line = run_bad(tmp_path, capsys, "nobody/no-such-model", sum_data)
+    assert "nobody/no-such-model" in line
