@@ -187,15 +187,15 @@ def configure_activation_checkpointing(model, training_args) -> None:
 
 
 def freeze(model, sfn_args) -> dict:
-    from .roles import apply_freeze, numel, select_parameters
+    from .roles import apply_freeze, select_parameters
 
     trainable = select_parameters(model, sfn_args.trainable_modules, sfn_args.trainable_layers)
     n_train, n_total = apply_freeze(model, trainable)
-    shapes = {name: list(getattr(p, "ds_shape", None) or p.shape) for name, p in model.named_parameters()}
     logger.info("trainable: %s of %s params (%.2f%%) in %d tensors", f"{n_train:,}", f"{n_total:,}",
                 100 * n_train / n_total, len(trainable))
+    params = dict(model.named_parameters())
     for name in trainable:
-        logger.debug("trainable tensor: %s %s", name, shapes[name])
+        logger.debug("trainable tensor: %s %s", name, list(getattr(params[name], "ds_shape", None) or params[name].shape))
     return {
         "trainable_modules": sfn_args.trainable_modules,
         "trainable_layers": sfn_args.trainable_layers,
@@ -203,7 +203,6 @@ def freeze(model, sfn_args) -> dict:
         "total_params": n_total,
         "trainable_fraction": n_train / n_total,
         "trainable_tensors": trainable,
-        "numel": {name: numel(p) for name, p in model.named_parameters() if name in set(trainable)},
     }
 
 
@@ -278,7 +277,7 @@ def build_manifest(args, selection, attention, fingerprint, status, metrics=None
             "sfn": dataclasses.asdict(sfn_args),
         },
         "base": {"model_name_or_path": model_args.model_name_or_path, "fingerprint": fingerprint},
-        "selection": {k: v for k, v in selection.items() if k != "numel"},
+        "selection": selection,
         "attention": attention,
         "world_size": training_args.world_size,
         "deepspeed_stage": deepspeed_stage(training_args),
