@@ -190,7 +190,7 @@ def _param_bytes(model) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # Saving: full precision, rebuilt from the base's own files
 # --------------------------------------------------------------------------------------------------------------------
-def save_full_precision(model, selection: dict, output_dir: Path, base, fingerprint: str | None,
+def save_full_precision(model, selection, output_dir: Path, base, fingerprint: str | None,
                         tokenizer=None) -> Path:
     """Write the plugin (trained tensors from the live model) and the full checkpoint = base + plugin into output_dir.
 
@@ -201,17 +201,15 @@ def save_full_precision(model, selection: dict, output_dir: Path, base, fingerpr
     """
     from .gadgets import plugin_apply
     from .manifest import MANIFEST_FILE
-    from .plugin import PLUGIN_FILE, write_plugin
+    from .outputs import write_run_plugin
 
     output_dir = Path(output_dir)
-    wanted = set(selection["trainable_tensors"])
+    wanted = set(selection.trainable_tensors)
     tensors = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if n in wanted}
     missing = sorted(wanted - set(tensors))
     if missing:
         raise SfnError(f"internal error: trained tensors {missing[:3]} are not in the model; report this.")
-    plugin = write_plugin(output_dir / PLUGIN_FILE, tensors, base_fingerprint=fingerprint or "",
-                          modules=selection["trainable_modules"], layers=selection["trainable_layers"],
-                          source=str(output_dir))
+    plugin = write_run_plugin(output_dir, tensors, selection, fingerprint)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-full-", dir=output_dir))
     try:
         # force only when the base could not be fingerprinted (then the plugin carries no fingerprint to compare)

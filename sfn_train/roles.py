@@ -228,3 +228,35 @@ def apply_freeze(model, trainable: Sequence[str]) -> tuple[int, int]:
     if n_train == 0:
         raise SfnError("all parameters are frozen: the selection is empty; name at least one module to train.")
     return n_train, n_total
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `sfn select`
+# --------------------------------------------------------------------------------------------------------------------
+def select_cli_main(argv: list[str]) -> int:
+    """`sfn select MODEL --modules o_proj --layers 0-3`: the trainable tensors, computed on a meta-device model."""
+    import argparse
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    parser = argparse.ArgumentParser(prog="sfn select", description=select_cli_main.__doc__)
+    parser.add_argument("model", help="checkpoint folder or hub id (only its config is read)")
+    parser.add_argument("--modules", default="o_proj", help="comma-separated roles or regexes, or `all`")
+    parser.add_argument("--layers", default="all", help="`all`, a range `0-11`, or `3,5`")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    ns = parser.parse_args(argv)
+    try:
+        config = AutoConfig.from_pretrained(ns.model, trust_remote_code=ns.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SfnError(f"cannot read the config of {ns.model} ({str(exc).splitlines()[0][:160]}).") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=ns.trust_remote_code)
+    names = select_parameters(model, ns.modules.split(","), ns.layers.split(","))
+    n_train, n_total = apply_freeze(model, names)
+    shapes = dict(model.named_parameters())
+    for name in names:
+        print(f"{name}\t{list(shapes[name].shape)}")
+    print(f"trainable: {n_train:,} of {n_total:,} params ({100 * n_train / n_total:.2f}%) in {len(names)} tensors")
+    return 0
+

@@ -10,127 +10,23 @@ The output folder holds a normal HF checkpoint, `sfn_plugin.safetensors` (only t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import SfnError, disk_full_error, is_disk_full
+from .outputs import Selection, base_fingerprint, build_manifest, write_plugin_from_checkpoint
+from .startup import (
+    check_run_setup,
+    check_train_output_dir,
+    init_distributed,
+    resolve_attention,
+    resume_target,
+    setup_logging,
+)
 
 logger = logging.getLogger("sfn_train")
-
-FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Start-up decisions, each made once and logged
-# --------------------------------------------------------------------------------------------------------------------
-def resolve_attention(model_args, training_args) -> dict:
-    """Pick the attention kernel once, and keep padding-free batching only where the kernel supports it.
-
-    FlashAttention needs a CUDA GPU and the flash-attn package; without them we fall back to sdpa with a logged
-    reason instead of a stack trace at the first forward. Padding-free batches (and TRL's BFD packing, which implies
-    them) are only correct with a varlen FlashAttention kernel: with sdpa or eager the loss silently mixes sequences
-    (trl #2834), so they are switched off with a warning.
-    """
-    import importlib.util
-
-    import torch
-
-    requested = model_args.attn_implementation
-    used, reason = requested, None
-    if requested in FLASH_IMPLEMENTATIONS:
-        package = "flash_attn_interface" if requested == "flash_attention_3" else "flash_attn"
-        if not torch.cuda.is_available():
-            used, reason = "sdpa", f"{requested} needs a CUDA GPU and none is visible"
-        elif importlib.util.find_spec(package) is None:
-            used, reason = "sdpa", f"{requested} needs the {package} package (pip install 'sfn-train[flash]')"
-    if reason:
-        logger.warning("attention: %s; falling back to sdpa.", reason)
-        model_args.attn_implementation = used
-    flash = used in FLASH_IMPLEMENTATIONS
-    if not flash and training_args.padding_free:
-        logger.warning("padding_free needs a FlashAttention kernel (attention is %s): disabled.", used or "default")
-        training_args.padding_free = False
-    if not flash and training_args.packing and training_args.packing_strategy in ("bfd", "bfd_split"):
-        logger.warning(
-            "packing with strategy %s makes padding-free batches, which need a FlashAttention kernel "
-            "(attention is %s): packing disabled.", training_args.packing_strategy, used or "default")
-        training_args.packing = False
-    return {"requested": requested, "used": used, "fallback_reason": reason,
-            "padding_free": training_args.padding_free, "packing": training_args.packing}
-
-
-def deepspeed_stage(training_args) -> int | None:
-    config = getattr(training_args, "hf_deepspeed_config", None)
-    if config is None:
-        return None
-    return int(config.config.get("zero_optimization", {}).get("stage", 0))
-
-
-def check_run_setup(training_args, model_args, sfn_args) -> None:
-    """Refuse, before any model is loaded, the combinations that would waste a run or fail late."""
-    if sfn_args.quantize_frozen != "none":
-        # Issue 6: bitsandbytes must be able to quantize and backpropagate on this device (a tiny probe), and the run
-        # must be single-process or DDP; otherwise one line now, not a traceback after the model has loaded.
-        from .quantize import check_quantize_setup
-
-        check_quantize_setup(training_args, sfn_args.quantize_frozen)
-    if getattr(model_args, "use_peft", False):
-        raise SfnError("use_peft is set, but sfn-train trains the real weights of the named modules: remove use_peft "
-                       "(for LoRA use TRL's own sft script).")
-    if deepspeed_stage(training_args) == 3:
-        zero = training_args.hf_deepspeed_config.config["zero_optimization"]
-        if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-            raise SfnError(
-                "DeepSpeed ZeRO-3 config lacks `stage3_gather_16bit_weights_on_model_save: true`: the saved "
-                "checkpoint would hold empty tensors; set it in the DeepSpeed config (ds_configs/zero3.json does)."
-            )
-
-
-def resume_target(training_args) -> str | None:
-    """`resume_from_checkpoint: true` means the latest *complete* checkpoint in output_dir.
-
-    Resolved here to an explicit folder rather than handed to the Trainer as `True`: the Trainer would take the
-    highest-numbered `checkpoint-N` even when a kill during saving left it half-written (see sfn_train/resume.py).
-    """
-    from .resume import resolve_latest
-
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    if str(value).lower() == "true":
-        return resolve_latest(training_args.output_dir, training_args.world_size)
-    if not Path(value).is_dir():
-        raise SfnError(f"resume_from_checkpoint {value} is not a checkpoint folder: pass one, or `true` for the latest.")
-    return value
-
-
-def init_distributed(training_args) -> None:
-    """Set up the process group before the model is loaded, so that ZeRO-3 partitions it in `from_pretrained`.
-
-    `training_args.device` starts torch.distributed (gloo with `use_cpu`). On GPU the HF Trainer also starts
-    DeepSpeed's communication layer there; with `use_cpu` it does not, and ZeRO-3 would then see a world of one, so
-    we start it ourselves on top of the existing group.
-    """
-    _ = training_args.device
-    if training_args.deepspeed:
-        import deepspeed
-
-        if not deepspeed.comm.is_initialized():
-            deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else None)
-
-
-def check_output_dir(training_args, sfn_args, resuming: bool) -> None:
-    out = Path(training_args.output_dir)
-    if out.exists() and any(out.iterdir()) and not resuming and not sfn_args.overwrite_output_dir:
-        raise SfnError(
-            f"output_dir {out} exists and is not empty: choose another output_dir, resume with "
-            "`resume_from_checkpoint: true`, or set `overwrite_output_dir: true`."
-        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -186,7 +82,7 @@ def configure_activation_checkpointing(model, training_args) -> None:
     training_args.activation_checkpointing_kwargs = kwargs
 
 
-def freeze(model, sfn_args) -> dict:
+def freeze(model, sfn_args) -> Selection:
     from .roles import apply_freeze, select_parameters
 
     trainable = select_parameters(model, sfn_args.trainable_modules, sfn_args.trainable_layers)
@@ -196,14 +92,8 @@ def freeze(model, sfn_args) -> dict:
     params = dict(model.named_parameters())
     for name in trainable:
         logger.debug("trainable tensor: %s %s", name, list(getattr(params[name], "ds_shape", None) or params[name].shape))
-    return {
-        "trainable_modules": sfn_args.trainable_modules,
-        "trainable_layers": sfn_args.trainable_layers,
-        "trainable_params": n_train,
-        "total_params": n_total,
-        "trainable_fraction": n_train / n_total,
-        "trainable_tensors": trainable,
-    }
+    return Selection(trainable_modules=sfn_args.trainable_modules, trainable_layers=sfn_args.trainable_layers,
+                     trainable_tensors=trainable, trainable_params=n_train, total_params=n_total)
 
 
 def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
@@ -229,75 +119,6 @@ def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Outputs
-# --------------------------------------------------------------------------------------------------------------------
-def base_fingerprint(model_args) -> str | None:
-    from .checkpoint import cached_fingerprint
-
-    try:
-        return cached_fingerprint(model_args.model_name_or_path)
-    except SfnError as exc:
-        logger.warning("base fingerprint unavailable: %s", exc)
-        return None
-
-
-def write_plugin_from_checkpoint(output_dir: Path, selection: dict, fingerprint: str | None) -> Path:
-    """Copy the trained tensors out of the saved (gathered) checkpoint into `sfn_plugin.safetensors`."""
-    from .checkpoint import Checkpoint
-    from .plugin import PLUGIN_FILE, write_plugin
-
-    saved = Checkpoint(output_dir)
-    missing = [n for n in selection["trainable_tensors"] if n not in saved.tensors]
-    if missing:
-        raise SfnError(f"the saved checkpoint in {output_dir} lacks trained tensors {missing[:3]}: it is incomplete.")
-    tensors = {name: saved.tensor(name) for name in selection["trainable_tensors"]}
-    empty = [n for n, t in tensors.items() if t.numel() == 0]
-    if empty:
-        raise SfnError(f"the saved checkpoint holds empty tensors ({empty[0]}): under ZeRO-3 set "
-                       "stage3_gather_16bit_weights_on_model_save: true.")
-    return write_plugin(output_dir / PLUGIN_FILE, tensors, base_fingerprint=fingerprint or "",
-                        modules=selection["trainable_modules"], layers=selection["trainable_layers"],
-                        source=str(output_dir))
-
-
-def build_manifest(args, selection, attention, fingerprint, status, metrics=None) -> dict:
-    from . import __version__
-    from .manifest import git_revision, versions
-
-    script_args, training_args, model_args, sfn_args = args
-    return {
-        "sfn_train_version": __version__,
-        "status": status,
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": sys.argv,
-        "recipe": {
-            "script": dataclasses.asdict(script_args),
-            "training": training_args.to_dict(),
-            "model": dataclasses.asdict(model_args),
-            "sfn": dataclasses.asdict(sfn_args),
-        },
-        "base": {"model_name_or_path": model_args.model_name_or_path, "fingerprint": fingerprint},
-        "selection": selection,
-        "attention": attention,
-        "world_size": training_args.world_size,
-        "deepspeed_stage": deepspeed_stage(training_args),
-        "metrics": metrics or {},
-        "versions": versions(),
-        "git": git_revision(),
-    }
-
-
-def setup_logging(training_args) -> None:
-    import transformers
-
-    level = logging.INFO if training_args.should_log else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout, level=logging.WARNING)
-    logger.setLevel(level)
-    transformers.utils.logging.set_verbosity(logging.WARNING)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------------------------
 def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) -> Path:
@@ -318,7 +139,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
         raise SfnError("model_name_or_path is not set: give a local checkpoint folder or a hub id.")
     check_run_setup(training_args, model_args, sfn_args)
     resume = resume_target(training_args)
-    check_output_dir(training_args, sfn_args, resuming=resume is not None)
+    check_train_output_dir(training_args, sfn_args, resuming=resume is not None)
     attention = resolve_attention(model_args, training_args)
     init_distributed(training_args)
     set_seed(training_args.seed)
@@ -341,8 +162,8 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
         # embeddings, norms and lm_head stay as loaded. Why this way into the Trainer: sfn_train/quantize.py.
         from .quantize import quantize_frozen
 
-        selection["quantize_frozen"] = quantize_frozen(model, selection["trainable_tensors"], sfn_args.quantize_frozen,
-                                                       training_args.device)
+        selection.quantize_frozen = quantize_frozen(model, selection.trainable_tensors, sfn_args.quantize_frozen,
+                                                    training_args.device)
     configure_activation_checkpointing(model, training_args)
 
     ################
@@ -415,36 +236,6 @@ def cli_main(argv: list[str]) -> int:
         print_help()
         return 0
     run_sft(*parse_recipe(argv))
-    return 0
-
-
-def select_cli_main(argv: list[str]) -> int:
-    """`sfn select MODEL --modules o_proj --layers 0-3`: the trainable tensors, computed on a meta-device model."""
-    import argparse
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .roles import apply_freeze, select_parameters
-
-    parser = argparse.ArgumentParser(prog="sfn select", description=select_cli_main.__doc__)
-    parser.add_argument("model", help="checkpoint folder or hub id (only its config is read)")
-    parser.add_argument("--modules", default="o_proj", help="comma-separated roles or regexes, or `all`")
-    parser.add_argument("--layers", default="all", help="`all`, a range `0-11`, or `3,5`")
-    parser.add_argument("--trust_remote_code", action="store_true")
-    ns = parser.parse_args(argv)
-    try:
-        config = AutoConfig.from_pretrained(ns.model, trust_remote_code=ns.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise SfnError(f"cannot read the config of {ns.model} ({str(exc).splitlines()[0][:160]}).") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=ns.trust_remote_code)
-    names = select_parameters(model, ns.modules.split(","), ns.layers.split(","))
-    n_train, n_total = apply_freeze(model, names)
-    shapes = dict(model.named_parameters())
-    for name in names:
-        print(f"{name}\t{list(shapes[name].shape)}")
-    print(f"trainable: {n_train:,} of {n_total:,} params ({100 * n_train / n_total:.2f}%) in {len(names)} tensors")
     return 0
 
 

@@ -153,7 +153,7 @@ def test_trainer_takes_the_model_and_optimizes_only_the_selection(tmp_path, qwen
         ["--config", str(train_recipe(tmp_path, qwen2_base, sum_data, quantize_frozen="4bit"))])
     model = load_model(model_args)
     selection = freeze(model, sfn_args)
-    quantize_frozen(model, selection["trainable_tensors"], "4bit", torch.device("cpu"))
+    quantize_frozen(model, selection.trainable_tensors, "4bit", torch.device("cpu"))
     assert getattr(model, "hf_quantizer", None) is None
     trainer = SFTTrainer(model=model, args=training_args,
                          train_dataset=datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}]))

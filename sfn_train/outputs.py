@@ -1,0 +1,103 @@
+"""What a training run leaves in its output folder besides the weights: the plugin and the manifest.
+
+Shared by the plain save (`write_plugin_from_checkpoint`, from the gathered checkpoint) and the quantized save
+(`sfn_train.quantize.save_full_precision`, from the live model), so both write the same plugin and manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import SfnError
+from .startup import deepspeed_stage
+
+logger = logging.getLogger("sfn_train")
+
+
+@dataclass
+class Selection:
+    """What a run trains: the recipe's selection and the tensors it resolved to on the loaded model."""
+
+    trainable_modules: list[str]
+    trainable_layers: list[str]
+    trainable_tensors: list[str]
+    trainable_params: int
+    total_params: int
+    quantize_frozen: dict | None = field(default=None)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_params / self.total_params
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        if data["quantize_frozen"] is None:
+            del data["quantize_frozen"]
+        return {**data, "trainable_fraction": self.trainable_fraction}
+
+
+def base_fingerprint(model_args) -> str | None:
+    from .checkpoint import cached_fingerprint
+
+    try:
+        return cached_fingerprint(model_args.model_name_or_path)
+    except SfnError as exc:
+        logger.warning("base fingerprint unavailable: %s", exc)
+        return None
+
+
+def write_plugin_from_checkpoint(output_dir: Path, selection: Selection, fingerprint: str | None) -> Path:
+    """Copy the trained tensors out of the saved (gathered) checkpoint into `sfn_plugin.safetensors`."""
+    from .checkpoint import Checkpoint
+
+    saved = Checkpoint(output_dir)
+    missing = [n for n in selection.trainable_tensors if n not in saved.tensors]
+    if missing:
+        raise SfnError(f"the saved checkpoint in {output_dir} lacks trained tensors {missing[:3]}: it is incomplete.")
+    tensors = {name: saved.tensor(name) for name in selection.trainable_tensors}
+    empty = [n for n, t in tensors.items() if t.numel() == 0]
+    if empty:
+        raise SfnError(f"the saved checkpoint holds empty tensors ({empty[0]}): under ZeRO-3 set "
+                       "stage3_gather_16bit_weights_on_model_save: true.")
+    return write_run_plugin(output_dir, tensors, selection, fingerprint)
+
+
+def write_run_plugin(output_dir: Path, tensors: dict, selection: Selection, fingerprint: str | None) -> Path:
+    """`output_dir/sfn_plugin.safetensors`: the trained tensors, stamped with the base they were trained from."""
+    from .plugin import PLUGIN_FILE, write_plugin
+
+    return write_plugin(Path(output_dir) / PLUGIN_FILE, tensors, base_fingerprint=fingerprint or "",
+                        modules=selection.trainable_modules, layers=selection.trainable_layers,
+                        source=str(output_dir))
+
+
+def build_manifest(args, selection, attention, fingerprint, status, metrics=None) -> dict:
+    from . import __version__
+    from .manifest import git_revision, versions
+
+    script_args, training_args, model_args, sfn_args = args
+    return {
+        "sfn_train_version": __version__,
+        "status": status,
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "recipe": {
+            "script": dataclasses.asdict(script_args),
+            "training": training_args.to_dict(),
+            "model": dataclasses.asdict(model_args),
+            "sfn": dataclasses.asdict(sfn_args),
+        },
+        "base": {"model_name_or_path": model_args.model_name_or_path, "fingerprint": fingerprint},
+        "selection": selection.to_dict(),
+        "attention": attention,
+        "world_size": training_args.world_size,
+        "deepspeed_stage": deepspeed_stage(training_args),
+        "metrics": metrics or {},
+        "versions": versions(),
+        "git": git_revision(),
+    }
