@@ -44,6 +44,11 @@ CASES = [
     ("The answer is 72.", "72", "math", True),
     ("Answer: 5", "5", "math", True),
     ("**Final Answer:** $\\frac{7}{2}$", "3.5", "math", True),
+    # the answer phrase ends at the first clause break
+    ("The answer is 5, since 2+3=5.", "5", "math", True),
+    ("The answer is 5 because 2+3=5", "5", "math", True),
+    ("The answer is $(1, 2)$, since both points satisfy it.", "(1,2)", "math", True),
+    ("The answer is 7. Since 2+3=5, that settles it.", "5", "math", False),
     # degrees, units, percent, radicals, expressions
     (r"\boxed{30^\circ}", "30", "math", True),
     (r"\boxed{30}", r"30^\circ", "math", True),
@@ -51,6 +56,13 @@ CASES = [
     (r"The angle is \boxed{45 \text{ degrees}}", "45", "math", True),
     (r"\boxed{10\text{ cm}}", "10", "math", True),
     (r"\boxed{12 \text{ inches}}", "10", "math", False),
+    # units count when gold and prediction both state one; a bare number is judged by its value
+    (r"\boxed{10\text{ m}}", r"10\text{ cm}", "math", False),
+    (r"\boxed{10\,\text{cm}^2}", r"10\text{ cm}", "math", False),
+    (r"\boxed{10\text{ cm}}", r"10\text{ cm}", "math", True),
+    (r"\boxed{12 \text{ inches}}", r"12\text{ inch}", "math", True),
+    ("The answer is 10 cm.", r"10\text{ cm}", "math", True),
+    (r"\boxed{10}", r"10\text{ cm}", "math", True),
     (r"\boxed{3\sqrt{13}}", r"\sqrt{117}", "math", True),
     (r"\boxed{\sqrt{2}}", "1.414", "math", False),
     (r"\boxed{x^2+2x}", "x(x+2)", "math", True),
@@ -217,6 +229,57 @@ def test_paired_bootstrap_small_p_for_different_large_for_identical():
     assert same["delta"] == 0 and same["p_value"] == 1.0
     noisy = paired_bootstrap(rng.permutation(base), base)  # same accuracy, shuffled per problem
     assert noisy["p_value"] > 0.3
+
+
+def test_zero_and_full_scores_get_a_wilson_interval_with_width():
+    from sfn_train.evaluation.stats import summarize
+
+    z2 = 1.959963984540054 ** 2
+    none = summarize([[False, False]] * 20, [5] * 40, 1.0, ["III"] * 40)
+    assert none["ci_method"] == "wilson" and none["ci_low"] == 0.0
+    assert none["ci_high"] == pytest.approx(z2 / (20 + z2))  # Wilson's upper bound for 0/20: 0.161
+    full = summarize([[True]] * 20, [5] * 20, 1.0, ["IV"] * 20)
+    assert full["ci_method"] == "wilson" and full["ci_high"] == 1.0
+    assert full["ci_low"] == pytest.approx(20 / (20 + z2))
+    mixed = summarize([[True], [False]] * 10, [5] * 20, 1.0, ["IV"] * 20)
+    assert mixed["ci_method"] == "bootstrap" and mixed["ci_low"] < 0.5 < mixed["ci_high"]
+
+
+def _result_file(path, label, correct, task="t"):
+    """A minimal `sfn eval` result for `compare`: one sample per problem with the given correctness."""
+    from sfn_train.evaluation.run import FORMAT
+    from sfn_train.evaluation.stats import summarize
+
+    problems = [{"id": str(i), "samples": [{"correct": c}]} for i, c in enumerate(correct)]
+    result = {"format": FORMAT, "model": {"label": label, "tokenizer_signature": {}}, "task": {"name": task},
+              "settings": {}, "problems": problems,
+              "summary": summarize([[c] for c in correct], [1] * len(correct), 1.0, ["IV"] * len(correct))}
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_compare_prints_p_below_resolution_as_a_bound_and_states_wilson(tmp_path):
+    from sfn_train.evaluation import compare
+
+    files = [_result_file(tmp_path / "a.json", "base", [False] * 40), _result_file(tmp_path / "b.json", "tuned", [True] * 40)]
+    result = compare(files, "base", tmp_path / "compare.md")
+    tuned = next(r for r in result["rows"] if r["model"] == "tuned")
+    assert tuned["p_value"] == pytest.approx(1 / 2001)  # no resample is as extreme as the observed difference
+    text = result["report"].read_text()
+    assert "p<0.001" in text and "p=0.000" not in text
+    assert "| base | t | 0.0 ± 4.4 [0.0, 8.8] W |" in text  # Wilson 0/40: [0, 0.088]
+    assert "Wilson score interval" in text
+
+
+def test_no_p_value_is_printed_with_a_fixed_format():
+    """Every report prints p through `format_p`; a `p={...:.3f}` anywhere would print p=0.000 again."""
+    import re
+
+    from conftest import REPO
+
+    offenders = [f"{path.relative_to(REPO)}: {m.group(0)}" for path in (REPO / "sfn_train").rglob("*.py")
+                 for m in re.finditer(r"p=\{[^}]*p_value[^}]*\}", path.read_text())]
+    assert not offenders, offenders
 
 
 # ---------------------------------------------------------------------------------------------------------------

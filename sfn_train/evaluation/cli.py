@@ -98,7 +98,8 @@ def eval_main(argv: list[str]) -> int:
 
     for path in written:
         s = json.loads(path.read_text())["summary"]
-        print(f"{path}: pass@1 {100 * s['pass_at_1']:.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}] "
+        ci = "Wilson" if s.get("ci_method") == "wilson" else "bootstrap"
+        print(f"{path}: pass@1 {100 * s['pass_at_1']:.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}] ({ci}) "
               f"over {s['n_problems']} problems, {s['mean_tokens']:.0f} tokens/response")
     return 0
 

@@ -3,7 +3,9 @@
 Extraction (`extract_answer`) takes, in order:
 
 1. the content of the LAST `\\boxed{...}` or `\\fbox{...}` (balanced braces; `\\boxed 5` without braces too);
-2. else the last final-answer line: "final answer is X", "the answer is X", "Answer: X", "#### X";
+2. else the last final-answer line: "final answer is X", "the answer is X", "Answer: X", "#### X", where X is the
+   answer phrase only: it ends at the first clause break outside brackets and `$...$` ("; ", ", since", ", because",
+   ", so", ", which", " because ", ". " before a capital letter), so "The answer is 5, since 2+3=5." gives "5";
 3. for choice tasks only, else a last line that starts with a letter: "(C)", "C)", "C." or just "C".
 
 There is deliberately no fallback to "the last number in the text": a response that never commits to an answer is
@@ -12,7 +14,13 @@ not correct because an intermediate number happens to equal the gold.
 Math equivalence uses math-verify: `verify(parse(gold), parse(pred))` -- not symmetric, gold first. Before parsing,
 both sides get light normalisation that math-verify does not do by itself on bare strings: `$...$` delimiters are
 added, thousands separators in plain numbers are removed ("1,000" -> "1000", "1{,}000" -> "1000"), `\\dfrac`/`\\tfrac`
-become `\\frac`, and degree signs / `^\\circ` and trailing `\\text{units}` are dropped.
+become `\\frac`, and degree signs / `^\\circ` are dropped.
+
+Units: a trailing unit (`10\\text{ cm}`, `10 \\mbox{m}^2`, or a word after a plain number, "10 cm") is split off both
+sides before math-verify sees them. When the gold and the prediction both state a unit, the units must agree
+("10 m" against gold "10 cm" is wrong; plural and case of unit words are ignored: "inches" = "inch"). A prediction
+without a unit is compared by its number alone (the question usually names the unit), and a unit on the prediction
+is ignored when the gold has none. Degrees are not treated as a unit.
 
 Grading runs in worker processes (`grade_many`): math-verify's own timeouts use `signal.alarm`, which only works on a
 process's main thread, and a pathological expression can hang sympy for minutes. Each worker is a subprocess with
@@ -84,11 +92,45 @@ def _clean_answer_text(s: str) -> str:
     return s
 
 
+_CLAUSE_AFTER_COMMA = re.compile(
+    r",\s+(?:since|because|as|so|which|where|therefore|thus|hence|given|when|while|but|by|using|from|i\.e\.|e\.g\.)\b",
+    re.IGNORECASE)
+_CLAUSE_AFTER_SPACE = re.compile(r"\s+(?:since|because)\b", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.\s+[A-Z]")
+
+
+def answer_phrase(s: str) -> str:
+    """`s` up to its first clause break outside brackets and `$...$`: "5, since 2+3=5." -> "5".
+
+    A comma alone is not a break ("(1, 2)", "1, 2, 3" and "1,000" are answers); a comma followed by a word that opens a
+    clause is, as are a semicolon, " since"/" because", and a full stop followed by a new sentence.
+    """
+    depth, in_math, i = 0, False, 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":  # an escaped character ("\\{", "\\,", "\\$") is never a bracket, break or delimiter
+            i += 2
+            continue
+        if c == "$":
+            in_math = not in_math
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth = max(0, depth - 1)
+        elif depth == 0 and not in_math:
+            rest = s[i:]
+            if (c == ";" or (c == "," and _CLAUSE_AFTER_COMMA.match(rest)) or (c == "." and _SENTENCE_END.match(rest))
+                    or (c.isspace() and _CLAUSE_AFTER_SPACE.match(rest))):
+                return s[:i]
+        i += 1
+    return s
+
+
 def answer_line(text: str) -> str | None:
-    """The answer of the last final-answer line ("The answer is X", "Answer: X", "#### X"), cleaned."""
+    """The answer phrase of the last final-answer line ("The answer is X", "Answer: X", "#### X"), cleaned."""
     matches = list(_ANSWER_LINE.finditer(text.replace("**", "")))
     for m in reversed(matches):
-        value = _clean_answer_text(m.group(1))
+        value = _clean_answer_text(answer_phrase(m.group(1)))
         if value:
             return value
     return None
@@ -144,15 +186,43 @@ def normalize_math(s: str) -> str:
     s = _THOUSANDS.sub(lambda m: re.sub(r"\{,\}|\\,|,", "", m.group(0)), s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°|\\degree", "", s)
     s = re.sub(r"\s*(?:\\text\{\s*|\\mbox\{\s*)?\bdegrees?\}?\s*$", "", s)
-    s = re.sub(r"(?<=[\d}])\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z ]*\}(?:\^\{?\d\}?)?\s*$", "", s)
     s = s.rstrip(".").strip()
     return s
 
 
+_TEXT_UNIT = re.compile(r"(?<=[\d}])(?:\s|\\[,;! ])*\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z ]*?)\s*\}(\^\{?\d\}?)?\s*\.?$")
+_WORD_UNIT = re.compile(r"^(-?\d[\d,.]*)\s+([A-Za-z]{2,}(?:\^\{?\d\}?)?)\.?$")
+
+
+def split_unit(s: str) -> tuple[str, str | None]:
+    """(answer without its trailing unit, the unit as a comparable key or None); degrees are not a unit."""
+    s = str(s).strip()
+    s = re.sub(r"^\$+|\$+$", "", s).strip()
+    m = _TEXT_UNIT.search(s)
+    if m:
+        value, word, power = s[: m.start()], m.group(1), m.group(2) or ""
+    else:
+        m = _WORD_UNIT.match(s)
+        if not m:
+            return s, None
+        value, word, power = m.group(1), m.group(2), ""
+    if re.fullmatch(r"degrees?", word.strip(), re.IGNORECASE):
+        return s, None
+    key = "".join(word.split())
+    if len(key) > 2:  # unit words: case and plural do not matter ("Inches" = "inch"); symbols do ("m" vs "M")
+        key = key.lower()
+        key = re.sub(r"(ch|sh)es$", r"\1", key) if re.search(r"(ch|sh)es$", key) else re.sub(r"s$", "", key)
+    return value.strip(), key + re.sub(r"[{}\s]", "", power)
+
+
 def math_equal(gold: str, pred: str, timeout_s: int = 5) -> bool:
-    """math-verify equivalence of two answer strings (gold first: verify is not symmetric)."""
+    """math-verify equivalence of two answer strings (gold first: verify is not symmetric); units as documented."""
     from math_verify import parse, verify
 
+    gold, gold_unit = split_unit(gold)
+    pred, pred_unit = split_unit(pred)
+    if gold_unit and pred_unit and gold_unit != pred_unit:
+        return False
     g, p = normalize_math(gold), normalize_math(pred)
     if not p:
         return False

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import SfnError
 from .generate import signature_differences
 from .run import load_result
-from .stats import paired_bootstrap, pass_at_1
+from .stats import N_RESAMPLES, format_p, paired_bootstrap, pass_at_1
 
 ALPHA = 0.05
 LEVEL_COLORS = {"I": "#b2182b", "II": "#ef8a62", "III": "#67a9cf", "IV": "#1a9850"}
@@ -57,7 +57,7 @@ def compare(files: list, baseline: str | None = None, out: str | os.PathLike = "
                 continue
             s = r["summary"]
             row = {"model": label, "task": task, "pass_at_1": s["pass_at_1"], "ci_low": s["ci_low"],
-                   "ci_high": s["ci_high"], "levels": s["level_shares"], "mean_tokens": s["mean_tokens"],
+                   "ci_high": s["ci_high"], "ci_method": s.get("ci_method", "bootstrap"), "levels": s["level_shares"], "mean_tokens": s["mean_tokens"],
                    "tokens_per_s": s["tokens_per_s"], "n_problems": s["n_problems"], "delta": None,
                    "p_value": None, "verdict": "baseline" if label == baseline else "—"}
             if base is not None and label != baseline:
@@ -96,8 +96,11 @@ def _sampling(result: dict) -> tuple:
 
 def _markdown(rows, baseline, notes, plots, files) -> str:
     lines = [f"# Evaluation comparison (baseline: {baseline})", "",
-             "pass@1 is averaged over each problem's samples; ± is the 95% bootstrap CI over problems. "
-             f"Δ is pass@1 minus the baseline's on shared problems, p from a paired bootstrap (two-sided); "
+             "pass@1 is averaged over each problem's samples; ± is the 95% bootstrap CI over problems, except where "
+             "every problem scored the same (0/n, n/n): there the bootstrap has zero width and the 95% Wilson score "
+             "interval over the n problems is given instead, marked W. "
+             f"Δ is pass@1 minus the baseline's on shared problems, p from a paired bootstrap (two-sided, "
+             f"{N_RESAMPLES} resamples: p<0.001 is the test's resolution, not a value); "
              f"a verdict other than 'no significant difference' needs p < {ALPHA}. "
              "Levels: I degenerate, II off task, III on task but wrong, IV correct.", "",
              "| model | task | pass@1 (95% CI) | Δ vs baseline (p) | verdict | I | II | III | IV | mean tokens | tokens/s |",
@@ -105,7 +108,8 @@ def _markdown(rows, baseline, notes, plots, files) -> str:
     for r in rows:
         half = (r["ci_high"] - r["ci_low"]) / 2
         acc = f"{100 * r['pass_at_1']:.1f} ± {100 * half:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
-        delta = "—" if r["delta"] is None else f"{100 * r['delta']:+.1f} (p={r['p_value']:.3f})"
+        acc += " W" if r["ci_method"] == "wilson" else ""
+        delta = "—" if r["delta"] is None else f"{100 * r['delta']:+.1f} ({format_p(r['p_value'])})"
         lv = r["levels"]
         lines.append(f"| {r['model']} | {r['task']} | {acc} | {delta} | {r['verdict']} | "
                      + " | ".join(f"{100 * lv.get(k, 0):.0f}%" for k in ("I", "II", "III", "IV"))
@@ -114,10 +118,10 @@ def _markdown(rows, baseline, notes, plots, files) -> str:
     for r in rows:
         if r["delta"] is not None:
             lines.append(f"- **{r['model']}** on {r['task']}: {r['verdict']} than {baseline} "
-                         f"(Δ {100 * r['delta']:+.1f} points, p={r['p_value']:.3f}, n={r.get('n_shared')})."
+                         f"(Δ {100 * r['delta']:+.1f} points, {format_p(r['p_value'])}, n={r.get('n_shared')})."
                          if r["verdict"] in ("better", "worse") else
                          f"- **{r['model']}** on {r['task']}: no significant difference from {baseline} "
-                         f"(Δ {100 * r['delta']:+.1f} points, p={r['p_value']:.3f}, n={r.get('n_shared')}).")
+                         f"(Δ {100 * r['delta']:+.1f} points, {format_p(r['p_value'])}, n={r.get('n_shared')}).")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
@@ -148,7 +152,7 @@ def _plots(rows, labels, tasks, out: Path) -> list[Path]:
     ax.set_xticks(x, tasks)
     ax.set_ylabel("pass@1 (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Accuracy with 95% bootstrap CI")
+    ax.set_title("pass@1 with 95% CI (bootstrap; W = Wilson, see report)")
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(acc_path, dpi=120)

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..evaluation import compare, load_result
-from ..evaluation.stats import paired_bootstrap
+from ..evaluation.stats import format_p, paired_bootstrap
 
 ALPHA = 0.05
 
@@ -85,7 +85,8 @@ def write_report(lab) -> Path:
         "Everything below was measured in this run; the lab's design is in `sfn_train/lab/problems.py` "
         "(modular-arithmetic chains) and `sfn_train/lab/pipeline.py`. Task `lab_reason`: "
         f"{a['summary']['n_problems']} held-out problems of {', '.join(map(str, _steps(lab)))} steps, greedy decoding, "
-        "exact match of the boxed answer; pass@1 with a 95% bootstrap CI over problems. Levels I/II/III/IV are the "
+        "exact match of the boxed answer; pass@1 with a 95% bootstrap CI over problems (a Wilson score interval where "
+        "every problem scored the same, e.g. 0/n, since the bootstrap then has zero width). Levels I/II/III/IV are the "
         "shares of responses at each level (rules in `sfn_train/evaluation/levels.py`).",
         "",
         "## Base model A",
@@ -190,7 +191,7 @@ def _params(folder: Path) -> int:
 
 
 def _fmt_test(test: dict) -> str:
-    return f"{test['delta']:+.3f} (p={test['p_value']:.3f})"
+    return f"{test['delta']:+.3f} ({format_p(test['p_value'])})"
 
 
 def _findings(results: dict, destroy: dict, delta_ranking: list[str], seed: int) -> list[str]:
@@ -201,10 +202,10 @@ def _findings(results: dict, destroy: dict, delta_ranking: list[str], seed: int)
     t_ba = _test(b, a, seed)
     if t_ba["p_value"] < ALPHA and t_ba["delta"] > 0:
         out.append(f"The full fine-tune B beats the base A on held-out multi-step problems: {acc['full']:.3f} vs "
-                   f"{acc['A']:.3f} (Δ {t_ba['delta']:+.3f}, p={t_ba['p_value']:.3f}).")
+                   f"{acc['A']:.3f} (Δ {t_ba['delta']:+.3f}, {format_p(t_ba['p_value'])}).")
     else:
         out.append(f"The full fine-tune B did NOT significantly beat the base A ({acc['full']:.3f} vs {acc['A']:.3f}, "
-                   f"p={t_ba['p_value']:.3f}); the rest of this report compares variants that did not clearly learn.")
+                   f"{format_p(t_ba['p_value'])}); the rest of this report compares variants that did not clearly learn.")
     gain_b = acc["full"] - acc["A"]
     if t_ba["p_value"] < ALPHA and gain_b > 0:  # a share of a gain that is noise would mean nothing
         share = (acc["oproj"] - acc["A"]) / gain_b
@@ -214,7 +215,7 @@ def _findings(results: dict, destroy: dict, delta_ranking: list[str], seed: int)
         recovered = (f"recovers {share:.0%} of B's gain over A" if share > 0 else
                      f"does not improve on A ({acc['oproj']:.3f} vs {acc['A']:.3f})")
         out.append(f"Training only o_proj (C) {recovered}; C scores {acc['oproj']:.3f} and is {verdict} "
-                   f"(p={t_cb['p_value']:.3f}). The paper reports o_proj-centred tuning (F2) close to full tuning on "
+                   f"({format_p(t_cb['p_value'])}). The paper reports o_proj-centred tuning (F2) close to full tuning on "
                    "AIME/MATH/GPQA at 14B/32B.")
         f2, f1 = acc["f2"], acc["f1"]
         out.append(f"Adding o_proj to embed+lm_head+norms: F1 {f1:.3f} -> F2 {f2:.3f}; F3 (q,k,v,o) {acc['f3']:.3f}. "
@@ -223,7 +224,7 @@ def _findings(results: dict, destroy: dict, delta_ranking: list[str], seed: int)
     if "oproj_4bit" in results:
         t_q = _test(results["oproj_4bit"], c, seed)
         out.append(f"o_proj trained over a 4-bit frozen base: {acc['oproj_4bit']:.3f} vs {acc['oproj']:.3f} over the "
-                   f"full-precision base (Δ {t_q['delta']:+.3f}, p={t_q['p_value']:.3f}): "
+                   f"full-precision base (Δ {t_q['delta']:+.3f}, {format_p(t_q['p_value'])}): "
                    + ("no significant cost from quantizing the frozen layers." if t_q["p_value"] >= ALPHA else
                       "quantizing the frozen layers changed the result significantly."))
     merges = {m: acc[m] for m in ("m1_oproj", "m2_qkv", "m3_mlp")}
