@@ -167,6 +167,44 @@ def test_moments_streaming_matches_direct():
     assert unimodal.summary()["bimodality_coefficient"] < 5 / 9
 
 
+def _bc_of_change(tmp_path, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Bimodality coefficient delta reports for one tensor pair (A -> B), through the real per-tensor code."""
+    from sfn_train.gadgets.delta import tensor_delta
+
+    for name, t in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir(exist_ok=True)
+        save_file({"w": t.contiguous()}, str(tmp_path / name / "model.safetensors"))
+    _, _, moments = tensor_delta(Checkpoint(tmp_path / "a").tensors["w"], Checkpoint(tmp_path / "b").tensors["w"])
+    return moments.summary()["bimodality_coefficient"]
+
+
+def test_bimodality_separates_few_moved_from_all_moved_a_little(tmp_path):
+    """Unimodal changes come out below 5/9, "most untouched, a few moved" and two separated modes above."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 16
+    a = torch.randn(n, generator=g) * 0.02
+    noise = {
+        "gaussian dW": torch.randn(n, generator=g) * 1e-4,
+        "laplace dW": torch.distributions.Laplace(0.0, 1e-4).sample((n,)),
+        "uniform dW": (torch.rand(n, generator=g) * 2 - 1) * 1e-4,
+        "gaussian r": a.abs() * torch.randn(n, generator=g) * 1e-3,
+        "laplace r": a.abs() * torch.distributions.Laplace(0.0, 1e-3).sample((n,)),
+    }
+    for label, d in noise.items():
+        assert _bc_of_change(tmp_path, a, a + d) < 5 / 9, label
+    few = torch.zeros(n)
+    moved = torch.rand(n, generator=g) < 0.05
+    few[moved] = torch.randn(int(moved.sum()), generator=g) * 1e-3
+    assert _bc_of_change(tmp_path, a, a + few) > 5 / 9  # 95% untouched, 5% moved
+    two = a.abs() * torch.where(torch.rand(n, generator=g) < 0.5, 1e-6, 1e-1) * torch.randn(n, generator=g).sign()
+    assert _bc_of_change(tmp_path, a, a + two) > 5 / 9  # half moved by ~1e-6, half by ~1e-1 (relative)
+    # bf16: a small update leaves most elements bitwise unchanged (lr 1e-5 rounds away): two groups
+    a16 = a.to(BF16)
+    b16 = (a16.float() + torch.randn(n, generator=g) * 2e-5).to(BF16)
+    assert 0.05 < (a16 != b16).float().mean() < 0.95
+    assert _bc_of_change(tmp_path, a16, b16) > 5 / 9
+
+
 def test_symlog_is_symmetric_and_zero_centred():
     r = torch.tensor([-1.0, 0.0, 1e-4, 1.0])
     t = symlog(r)

@@ -10,10 +10,18 @@ For every tensor present in both A (base) and B (e.g. the reasoning fine-tune):
   outermost bins) without touching any element of normal size.
 
 Per role (q_proj, o_proj, ... via `roles.ROLE_PATTERNS`, first match wins, else "other") the r values of all layers go
-into one histogram on fixed bins of t = sign(r) * log10(1 + |r| / LINTHRESH) (a symmetric log axis: r = 0 sits in the
-central bin, |r| from 1e-6 to 1e3 spread over +-9, beyond that clipped into the end bins), and into streaming central
-moments from which Sarle's bimodality coefficient BC = (g1^2 + 1) / (g2 + 3(n-1)^2 / ((n-2)(n-3))) of t is computed
-(g1 skewness, g2 excess kurtosis; BC > 5/9 hints at two modes, e.g. "untouched" vs "moved" weights).
+into one histogram on fixed bins of t = sign(r) * log10(1 + |r| / LINTHRESH) (a symmetric log axis for the plots: r = 0
+sits in the central bin, |r| from 1e-6 to 1e3 spread over +-9, beyond that clipped into the end bins).
+
+Bimodality: Sarle's coefficient BC = (g1^2 + 1) / (g2 + 3(n-1)^2 / ((n-2)(n-3))) (g1 skewness, g2 excess kurtosis, from
+streaming central moments; BC > 5/9 hints at two modes) is computed on q = log10(max(|r|, u)), where u is the unit
+roundoff of the coarser of A's and B's dtypes (2^-24 for float32, 2^-8 for bfloat16): every real change of a stored
+element is at least about u relative to it, so an untouched element (r = 0) sits at u, just below the smallest change
+the dtype can hold. On q, "most weights untouched, a few moved" (or any two groups of change sizes decades apart)
+gives two modes and BC near 1, while "every weight moved a little" gives one: Gaussian or Laplace weight changes of
+Gaussian weights give BC ~0.2, a Gaussian r ~0.49, a Laplace r ~0.43. (A uniform r sits at the threshold itself:
+log|U| is exponential, whose BC is exactly 5/9.) Why not t: the sign splits every distribution symmetric around
+zero into two lobes, so BC(t) was ~0.95 for a plain Gaussian and told nothing.
 
 Histograms and moments use at most `sample` elements per tensor (uniform, seeded, with replacement) weighted by
 numel/sample, so each tensor counts for its size; tensors up to `sample` elements use every element. Norms never
@@ -44,6 +52,8 @@ EPS_FLOOR = 1e-12
 LINTHRESH = 1e-6
 T_MAX = 9.0  # ~ log10(1 + 1e3 / LINTHRESH)
 N_BINS = 181  # odd: r = 0 is the centre of the middle bin
+# Unit roundoff per stored dtype: one ulp of a value x is between u*|x| and 2u*|x|, so no real change is smaller than u.
+UNIT_ROUNDOFF = {"F64": 2.0**-53, "F32": 2.0**-24, "F16": 2.0**-11, "BF16": 2.0**-8}
 BIN_WIDTH = 2 * T_MAX / (N_BINS - 1)
 EDGES = [-T_MAX - BIN_WIDTH / 2 + i * BIN_WIDTH for i in range(N_BINS + 1)]
 SAMPLE = 1 << 16
@@ -57,6 +67,11 @@ def role_of(name: str) -> str:
 
 def symlog(r: torch.Tensor) -> torch.Tensor:
     return torch.sign(r) * torch.log10(1 + r.abs() / LINTHRESH)
+
+
+def log_abs_change(r: torch.Tensor, floor: float) -> torch.Tensor:
+    """q = log10(max(|r|, floor)): the variable whose bimodality is reported (unchanged elements sit at the floor)."""
+    return torch.log10(r.abs().clamp_min(floor))
 
 
 @dataclass
@@ -120,7 +135,7 @@ class RoleStats:
 
 
 def tensor_delta(a_info, b_info, sample: int = SAMPLE, seed: int = 0) -> tuple[dict, torch.Tensor, Moments]:
-    """(row of exact numbers, histogram of t, moments of t) for one tensor pair."""
+    """(row of exact numbers, histogram of t, moments of q = log10|r|) for one tensor pair."""
     n = numel(a_info)
     k = min(n, sample)
     gen = torch.Generator().manual_seed(seed_for(a_info.name, seed))
@@ -143,7 +158,9 @@ def tensor_delta(a_info, b_info, sample: int = SAMPLE, seed: int = 0) -> tuple[d
         pos += a.numel()
     a_s, d_s = (torch.cat(p) if p else torch.zeros(0) for p in (picks_a, picks_d))
     eps = max(EPS_REL * float(a_s.abs().double().mean()) if a_s.numel() else 0.0, EPS_FLOOR)
-    t = symlog(d_s / a_s.abs().clamp_min(eps))
+    r = d_s / a_s.abs().clamp_min(eps)
+    t = symlog(r)
+    q = log_abs_change(r, max(UNIT_ROUNDOFF[a_info.dtype], UNIT_ROUNDOFF[b_info.dtype]))
     l2_diff, l2_base = math.sqrt(dd), math.sqrt(aa)
     row = {
         "name": a_info.name,
@@ -159,7 +176,7 @@ def tensor_delta(a_info, b_info, sample: int = SAMPLE, seed: int = 0) -> tuple[d
     }
     weight = n / t.numel() if t.numel() else 0.0
     hist = torch.histc(t.double().clamp(EDGES[0], EDGES[-1]), N_BINS, EDGES[0], EDGES[-1]) * weight
-    return row, hist, Moments.of(t, weight)
+    return row, hist, Moments.of(q, weight)
 
 
 def _finite(x):
@@ -236,7 +253,7 @@ def delta(
             "mean_rel_change": sum(rels) / len(rels) if rels else None,
             "pooled_rel_change": math.sqrt(dd_all / aa_all) if aa_all > 0 else None,
             "per_layer": {("none" if k is None else str(k)): v for k, v in per_layer.items()},
-            "moments_of_t": stats.moments.summary(),
+            "moments_of_log10_abs_r": stats.moments.summary(),
             "histogram_counts": stats.hist.tolist(),
         }
     ranking = sorted(summary, key=lambda r: -(summary[r]["mean_rel_change"] or 0.0))
@@ -256,7 +273,10 @@ def delta(
             "sampling": "uniform with replacement, seeded by (seed, name); weight numel/sample; all elements when "
             "numel <= sample; norms always use every element",
             "seed": seed,
-            "bimodality": "Sarle's BC = (g1^2 + 1) / (g2 + 3(n-1)^2/((n-2)(n-3))) of t; > 5/9 suggests bimodal",
+            "bimodality": "Sarle's BC = (g1^2 + 1) / (g2 + 3(n-1)^2/((n-2)(n-3))) of q = log10(max(|r|, u)), u = unit "
+            "roundoff of the coarser dtype of A and B (an unchanged element sits at u); > 5/9 suggests two groups of "
+            "elements, e.g. untouched and moved",
+            "UNIT_ROUNDOFF": UNIT_ROUNDOFF,
         },
         "ranking": ranking,
         "roles": summary,
@@ -289,12 +309,12 @@ def format_table(summary: dict, ranking: list[str]) -> str:
     def fmt(x, spec):
         return format(x, spec) if x is not None else "-".rjust(int(spec.split(".")[0]))
 
-    lines = [f"{'role':<14}{'tensors':>8}{'mean |dW|':>12}{'mean rel':>12}{'pooled rel':>12}{'BC(t)':>8}"]
+    lines = [f"{'role':<14}{'tensors':>8}{'mean |dW|':>12}{'mean rel':>12}{'pooled rel':>12}{'BC(log|r|)':>12}"]
     for role in ranking:
         s = summary[role]
         lines.append(
             f"{role:<14}{s['n_tensors']:>8}{fmt(s['mean_l2_diff'], '12.4g')}{fmt(s['mean_rel_change'], '12.4g')}"
-            f"{fmt(s['pooled_rel_change'], '12.4g')}{fmt(s['moments_of_t']['bimodality_coefficient'], '8.3f')}"
+            f"{fmt(s['pooled_rel_change'], '12.4g')}{fmt(s['moments_of_log10_abs_r']['bimodality_coefficient'], '12.3f')}"
         )
     return "\n".join(lines)
 
@@ -339,7 +359,8 @@ def _plot(out: Path, summary: dict, ranking: list[str]) -> None:
         ax.bar(centers, summary[role]["histogram_counts"], width=BIN_WIDTH, color="tab:green")
         ax.set_yscale("log")
         ax.set_xticks(ticks, labels, fontsize=7)
-        ax.set_title(f"{role} (BC {summary[role]['moments_of_t']['bimodality_coefficient'] or 0:.2f})", fontsize=9)
+        bc = summary[role]["moments_of_log10_abs_r"]["bimodality_coefficient"]
+        ax.set_title(f"{role} (BC of log|r| {'-' if bc is None else f'{bc:.2f}'})", fontsize=9)
     for ax in list(axes.flat)[len(ranking):]:
         ax.axis("off")
     fig.suptitle("element-wise (B - A) / max(|A|, eps), symmetric log axis", fontsize=10)

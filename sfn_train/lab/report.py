@@ -155,10 +155,13 @@ def write_report(lab) -> Path:
     delta = json.loads((root / "gadgets" / "delta" / "delta.json").read_text())
     ranking = [r for r in delta["ranking"] if delta["roles"][r]["mean_rel_change"] is not None]
     lines += ["## Delta A -> B (the paper's Figures 2-3)", "",
-              "| role | mean ‖ΔW‖/‖W_A‖ over layers | mean ‖ΔW‖ | bimodality coefficient |", "|---|---|---|---|"]
+              "BC: Sarle's bimodality coefficient of log10|r| over the role's elements (r = ΔW/|W_A| element-wise, an "
+              "unchanged element counted at the dtype's resolution); above 5/9 the elements form two groups, such as "
+              "untouched and moved, below it they moved as one group.", "",
+              "| role | mean ‖ΔW‖/‖W_A‖ over layers | mean ‖ΔW‖ | BC of log10(abs(r)) |", "|---|---|---|---|"]
     for role in ranking:
         s = delta["roles"][role]
-        bc = s["moments_of_t"].get("bimodality_coefficient")
+        bc = s["moments_of_log10_abs_r"].get("bimodality_coefficient")
         lines.append(f"| {role} | {s['mean_rel_change']:.4f} | {s['mean_l2_diff']:.4f} | "
                      f"{'—' if bc is None else f'{bc:.3f}'} |")
     lines += ["", "![L2 by role](gadgets/delta/delta_l2_by_role.png)",
