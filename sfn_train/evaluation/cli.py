@@ -65,8 +65,13 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--samples", type=int, default=1, help="samples per problem (pass@1 is averaged over them)")
     p.add_argument("--seed", type=int, default=0)
     _opt(p, "--chat-template", type=_on_off, default=None, help="on, off or auto (default: on if the tokenizer has one)")
-    _opt(p, "--budget-forcing", type=int, default=0, help="append 'Wait' up to N times when the model stops (s1)")
+    _opt(p, "--budget-forcing", type=int, default=0,
+         help="s1: the first N times the model stops thinking, suppress the stop and append --wait-text")
     _opt(p, "--wait-text", default="Wait")
+    _opt(p, "--end-of-thinking", help="the one token that closes the model's thinking (e.g. '</think>'); "
+         "default: EOS ends thinking and response")
+    _opt(p, "--thinking-budget", type=int, help="max thinking tokens; then --end-of-thinking is forced (s1)")
+    _opt(p, "--max-model-len", type=int, help="context length per request (prompt + response); default the model's")
     _opt(p, "--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
     p.add_argument("--device", default="auto")
@@ -93,6 +98,7 @@ def eval_main(argv: list[str]) -> int:
         samples=a.samples, seed=a.seed, chat_template=a.chat_template, budget_forcing=a.budget_forcing,
         wait_text=a.wait_text, batch_size=a.batch_size, dtype=a.dtype, device=a.device,
         tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
+        max_model_len=a.max_model_len, end_of_thinking=a.end_of_thinking, thinking_budget=a.thinking_budget,
     )
     import json
 

@@ -190,7 +190,8 @@ def normalize_math(s: str) -> str:
     return s
 
 
-_TEXT_UNIT = re.compile(r"(?<=[\d}])(?:\s|\\[,;! ])*\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z ]*?)\s*\}(\^\{?\d\}?)?\s*\.?$")
+_TEXT_UNIT = re.compile(r"(?<=[\d}])(?:\s|\\[,;! ])*"  # after a number or a brace, spaces or \, \; \! \ allowed
+                        r"\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z ]*?)\s*\}(\^\{?\d\}?)?\s*\.?$")
 _WORD_UNIT = re.compile(r"^(-?\d[\d,.]*)\s+([A-Za-z]{2,}(?:\^\{?\d\}?)?)\.?$")
 
 

@@ -145,7 +145,7 @@ def classify_level(response: str, *, problem: str = "", correct: bool = False, e
         return "I", {**f, "rule": "empty"}
     if f["repetition"] > REPETITION_THRESHOLD:
         return "I", {**f, "rule": "repetition"}
-    if finish_reason == "length" and f["tail_repetition"] >= TAIL_REPETITION_THRESHOLD:
+    if finish_reason in ("length", "context") and f["tail_repetition"] >= TAIL_REPETITION_THRESHOLD:
         return "I", {**f, "rule": "tail repetition at the token limit"}
     if f["alnum_share"] < MIN_ALNUM_SHARE:
         return "I", {**f, "rule": "few alphanumeric characters"}

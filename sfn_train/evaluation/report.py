@@ -91,7 +91,7 @@ def compare(files: list, baseline: str | None = None, out: str | os.PathLike = "
 def _sampling(result: dict) -> tuple:
     s = result["settings"]
     return tuple(s.get(k) for k in ("temperature", "top_p", "max_new_tokens", "samples", "budget_forcing",
-                                    "chat_template"))
+                                    "chat_template", "end_of_thinking", "thinking_budget", "max_model_len"))
 
 
 def _markdown(rows, baseline, notes, plots, files) -> str:

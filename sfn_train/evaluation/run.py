@@ -5,15 +5,18 @@ the run that made it, and `sfn compare` needs nothing else. Everything that coul
 sampling settings, backend, seed, budget forcing, model path, plugin (with its metadata), tokenizer signature,
 level thresholds and library versions.
 
-Order of work: all inputs are checked first (tasks load, labels unique, output paths decided, tokenizers agree), so
-a typo fails in seconds rather than after the first model has generated for an hour. Then each model is loaded once
-and runs every task.
+Order of work: all inputs are checked first (tasks load, labels unique, output paths decided, tokenizers agree, the
+end-of-thinking token exists, --max-model-len fits every model, and for vLLM the tensor-parallel size fits the heads
+and GPUs), so a typo fails in seconds rather than after the first model has generated for an hour. Then each model is
+loaded once (hf: one model in memory; vLLM: one engine, base + plugin merged once) and runs every task, and is freed
+(the vLLM engine shut down) before the next model loads.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from ..errors import SfnError
@@ -21,11 +24,15 @@ from . import levels as levels_mod
 from .generate import (
     GenerationSettings,
     ModelSpec,
+    VllmEngine,
     build_prompt_ids,
+    check_max_model_len,
+    check_vllm,
+    end_of_thinking_id,
     eos_token_ids,
     free_model,
     generate_hf,
-    generate_vllm,
+    hf_context_length,
     library_versions,
     load_hf_model,
     load_tokenizer,
@@ -108,34 +115,62 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
     loaded = [load_task(t, task_files=task_files, answer_type=answer_type, limit=limit) for t in tasks]
     paths = output_paths(out, specs, loaded)
     tok_info = _check_tokenizers(specs, allow_tokenizer_mismatch)
+    for spec in specs:
+        tokenizer, eos, _ = tok_info[spec.label]
+        end_of_thinking_id(tokenizer, gen.end_of_thinking, eos)
+        if gen.backend == "hf":
+            check_max_model_len(spec, gen)
+    if gen.backend == "vllm":
+        check_vllm(specs, gen)
 
     written = []
     for spec in specs:
         tokenizer, eos, signature = tok_info[spec.label]
-        model = None
+        model = engine = None
         if gen.backend == "hf":
             model, tokenizer = load_hf_model(spec, gen)
+            context_len = hf_context_length(model, gen)
+            engine_info = {"engine": "hf", "context_length": context_len,
+                           "dtype": str(next(model.parameters()).dtype)}
         use_chat = gen.chat_template if gen.chat_template is not None else bool(tokenizer.chat_template)
         if use_chat and not tokenizer.chat_template:
             raise SfnError(f"{spec.path} has no chat template; pass --chat-template off.")
-        for task in loaded:
-            prompts = [build_prompt_ids(tokenizer, task.prompt(p), use_chat) for p in task.problems]
-            rows = make_rows([ids for _, ids in prompts], gen.samples)
-            if gen.backend == "hf":
-                seconds = generate_hf(model, tokenizer, rows, gen, eos, progress)
-            else:
-                seconds = generate_vllm(spec, tokenizer, rows, gen, eos, progress)
-            result = _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature,
-                               grading_timeout, grading_workers, progress)
-            path = paths[(spec.label, task.name)]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{path.name}")
-            tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
-            os.replace(tmp, path)
-            written.append(path)
-        if model is not None:
-            free_model(model)
+        if gen.backend == "vllm":
+            engine = VllmEngine(spec, gen)
+            engine_info = engine.info
+        try:
+            for task in loaded:
+                prompts = [build_prompt_ids(tokenizer, task.prompt(p), use_chat) for p in task.problems]
+                rows = make_rows([ids for _, ids in prompts], gen.samples)
+                if engine is None:
+                    seconds = generate_hf(model, tokenizer, rows, gen, eos, progress, context_len)
+                else:
+                    seconds = engine.generate(tokenizer, rows, eos, progress)
+                _note_context_stops(spec, task, rows, engine_info)
+                result = _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature,
+                                   grading_timeout, grading_workers, progress)
+                result["settings"]["engine"] = engine_info
+                path = paths[(spec.label, task.name)]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".tmp-{path.name}")
+                tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+                os.replace(tmp, path)
+                written.append(path)
+        finally:
+            if engine is not None:
+                engine.close()
+            if model is not None:
+                free_model(model)
+            model = engine = None
     return written
+
+
+def _note_context_stops(spec, task, rows, engine_info) -> None:
+    stopped = sum(r.finish_reason == "context" for r in rows)
+    if stopped:
+        print(f"note: {spec.label} / {task.name}: {stopped} of {len(rows)} responses stopped at the context length "
+              f"({engine_info['context_length']} tokens); raise --max-model-len if the model allows it.",
+              file=sys.stderr)
 
 
 def _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature, grading_timeout,

@@ -312,9 +312,10 @@ def format_table(summary: dict, ranking: list[str]) -> str:
     lines = [f"{'role':<14}{'tensors':>8}{'mean |dW|':>12}{'mean rel':>12}{'pooled rel':>12}{'BC(log|r|)':>12}"]
     for role in ranking:
         s = summary[role]
+        bc = s["moments_of_log10_abs_r"]["bimodality_coefficient"]
         lines.append(
             f"{role:<14}{s['n_tensors']:>8}{fmt(s['mean_l2_diff'], '12.4g')}{fmt(s['mean_rel_change'], '12.4g')}"
-            f"{fmt(s['pooled_rel_change'], '12.4g')}{fmt(s['moments_of_log10_abs_r']['bimodality_coefficient'], '12.3f')}"
+            f"{fmt(s['pooled_rel_change'], '12.4g')}{fmt(bc, '12.3f')}"
         )
     return "\n".join(lines)
 
