@@ -161,7 +161,7 @@ def write_report(lab) -> Path:
               "| role | mean ‖ΔW‖/‖W_A‖ over layers | mean ‖ΔW‖ | BC of log10(abs(r)) |", "|---|---|---|---|"]
     for role in ranking:
         s = delta["roles"][role]
-        bc = s["moments_of_log10_abs_r"].get("bimodality_coefficient")
+        bc = (s.get("moments_of_log10_abs_r") or {}).get("bimodality_coefficient")  # absent in older delta.json
         lines.append(f"| {role} | {s['mean_rel_change']:.4f} | {s['mean_l2_diff']:.4f} | "
                      f"{'—' if bc is None else f'{bc:.3f}'} |")
     lines += ["", "![L2 by role](gadgets/delta/delta_l2_by_role.png)",
