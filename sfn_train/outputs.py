@@ -51,15 +51,29 @@ def base_fingerprint(model_args) -> str | None:
         return None
 
 
-def write_plugin_from_checkpoint(output_dir: Path, selection: Selection, fingerprint: str | None) -> Path:
-    """Copy the trained tensors out of the saved (gathered) checkpoint into `sfn_plugin.safetensors`."""
+def write_plugin_from_checkpoint(output_dir: Path, selection: Selection, fingerprint: str | None,
+                                 tensors: dict | None = None) -> Path:
+    """Write `sfn_plugin.safetensors` after the checkpoint was saved.
+
+    `tensors`: the trained tensors in full precision (the fp32 master weights, see sfn_train/precision.py), checked
+    against the saved checkpoint's names and shapes; without them, the tensors are copied out of the saved (gathered)
+    checkpoint as they are.
+    """
     from .checkpoint import Checkpoint
 
     saved = Checkpoint(output_dir)
     missing = [n for n in selection.trainable_tensors if n not in saved.tensors]
     if missing:
         raise SfnError(f"the saved checkpoint in {output_dir} lacks trained tensors {missing[:3]}: it is incomplete.")
-    tensors = {name: saved.tensor(name) for name in selection.trainable_tensors}
+    if tensors is None:
+        tensors = {name: saved.tensor(name) for name in selection.trainable_tensors}
+    else:
+        wrong = [n for n in selection.trainable_tensors
+                 if n not in tensors or list(tensors[n].shape) != list(saved.tensors[n].shape)]
+        if wrong:
+            raise SfnError(f"internal error: the full-precision tensor {wrong[0]} does not match the saved checkpoint; "
+                           "report this.")
+        tensors = {name: tensors[name] for name in selection.trainable_tensors}
     empty = [n for n, t in tensors.items() if t.numel() == 0]
     if empty:
         raise SfnError(f"the saved checkpoint holds empty tensors ({empty[0]}): under ZeRO-3 set "
@@ -76,7 +90,7 @@ def write_run_plugin(output_dir: Path, tensors: dict, selection: Selection, fing
                         source=str(output_dir))
 
 
-def build_manifest(args, selection, attention, fingerprint, status, metrics=None) -> dict:
+def build_manifest(args, selection, attention, fingerprint, status, metrics=None, precision=None) -> dict:
     from . import __version__
     from .manifest import git_revision, versions
 
@@ -95,6 +109,7 @@ def build_manifest(args, selection, attention, fingerprint, status, metrics=None
         "base": {"model_name_or_path": model_args.model_name_or_path, "fingerprint": fingerprint},
         "selection": selection.to_dict(),
         "attention": attention,
+        "precision": precision,  # dtypes in effect, read from the live model once training began (None before)
         "world_size": training_args.world_size,
         "deepspeed_stage": deepspeed_stage(training_args),
         "metrics": metrics or {},

@@ -191,13 +191,15 @@ def _param_bytes(model) -> int:
 # Saving: full precision, rebuilt from the base's own files
 # --------------------------------------------------------------------------------------------------------------------
 def save_full_precision(model, selection, output_dir: Path, base, fingerprint: str | None,
-                        tokenizer=None) -> Path:
+                        tokenizer=None, tensors: dict | None = None) -> Path:
     """Write the plugin (trained tensors from the live model) and the full checkpoint = base + plugin into output_dir.
 
     Every file of the checkpoint (weights, index, config, tokenizer, generation config) comes from the base folder
     through `plugin_apply`, written into a temporary folder and then moved in; the trained tensors are cast to the
-    base's stored dtype there, as `sfn plugin apply` does, while the plugin keeps them in the training dtype.
-    `tokenizer` (the run's, as `Trainer.save_model` would save it) replaces the base's tokenizer files.
+    base's stored dtype there, as `sfn plugin apply` does, while the plugin keeps them in full precision.
+    `tensors`: the trained tensors in full precision (the fp32 master weights, sfn_train/precision.py); without them
+    they are read from the live model. `tokenizer` (the run's, as `Trainer.save_model` would save it) replaces the
+    base's tokenizer files.
     """
     from .gadgets import plugin_apply
     from .manifest import MANIFEST_FILE
@@ -205,7 +207,8 @@ def save_full_precision(model, selection, output_dir: Path, base, fingerprint: s
 
     output_dir = Path(output_dir)
     wanted = set(selection.trainable_tensors)
-    tensors = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if n in wanted}
+    if tensors is None:
+        tensors = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if n in wanted}
     missing = sorted(wanted - set(tensors))
     if missing:
         raise SfnError(f"internal error: trained tensors {missing[:3]} are not in the model; report this.")

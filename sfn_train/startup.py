@@ -7,6 +7,7 @@ from its recipe.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -14,43 +15,159 @@ from .errors import SfnError
 
 logger = logging.getLogger("sfn_train")
 
-FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+# --------------------------------------------------------------------------------------------------------------------
+# Attention kernel and padding-free batches
+# --------------------------------------------------------------------------------------------------------------------
+# transformers' own rule (`is_flash_attention_requested`): any implementation whose name contains "flash" is a
+# FlashAttention kernel: `flash_attention_2/3/4` (the flash-attn packages) and hub kernels such as
+# `kernels-community/flash-attn2` or `kernels-community/vllm-flash-attn3` (the `kernels` package).
+FLASH_VERSION = re.compile(r"^flash_attention_(\d+)$")
+HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")  # org/repo[@revision][:function], as transformers
+# Oldest GPU each kernel runs on (CUDA compute capability): FlashAttention-2 and -3 need Ampere (8.0) or newer, the
+# CuTe FlashAttention-4 Hopper (9.0); transformers' FLASH_ATTENTION_COMPATIBILITY_MATRIX says the same for 3 and 4.
+MIN_CAPABILITY = {2: (8, 0), 3: (8, 0), 4: (9, 0)}
+# Kernels on which a padding-free batch (rows concatenated, position_ids restarting at 0 per row, no attention mask)
+# gives the same loss and gradients as the same rows padded. FlashAttention: its varlen kernel, by construction.
+# sdpa and eager: transformers (>= 5) builds a block-diagonal causal mask from the restarting position_ids
+# (`masking_utils.find_packed_sequence_indices`); measured equal to the padded batch in fp32 per row and for the
+# whole batch, loss and every gradient, by tests/test_padding_free.py. Not verified, so not allowed: flex_attention
+# (no backward on CPU; the GPU check measures it) and any other kernel.
+PADDING_FREE_VERIFIED = ("sdpa", "eager")
+
+
+def is_flash_kernel(name: str | None) -> bool:
+    return bool(name) and "flash" in name
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    """The compute capability of this process's GPU, or None when no CUDA GPU is visible."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())
+
+
+def _load_flash_kernel(name: str) -> None:
+    """Import the kernel exactly as `from_pretrained` will (a broken flash-attn install passes `find_spec` and fails
+    only here, at import: missing symbols, an ABI built for another torch); hub kernels are fetched by `kernels`."""
+    from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+
+    lazy_import_flash_attention(name)
+
+
+def flash_unusable_reason(name: str) -> str | None:
+    """Why the FlashAttention kernel `name` cannot run in this process, or None when it can."""
+    capability = _cuda_capability()
+    if capability is None:
+        return f"{name} needs a CUDA GPU and none is visible"
+    version = FLASH_VERSION.match(name)
+    need = MIN_CAPABILITY.get(int(version.group(1)), (8, 0)) if version else (8, 0)
+    if capability < need:
+        return (f"{name} needs a GPU of compute capability {need[0]}.{need[1]} or newer and this one is "
+                f"{capability[0]}.{capability[1]}")
+    try:
+        _load_flash_kernel(name)
+    except Exception as exc:  # noqa: BLE001 - any import/load failure means the same thing: this kernel is unusable
+        hint = "pip install 'sfn-train[flash]'" if version else "pip install kernels, and reach the hub or its cache"
+        return f"{name} cannot be loaded ({type(exc).__name__}: {_first_line(exc)}; {hint})"
+    return None
+
+
+def loaded_dtype(model_args) -> str | None:
+    """The dtype the weights will load in (`dtype` resolved as `from_pretrained` does), read before loading."""
+    dtype = model_args.dtype
+    if dtype is None:
+        return "float32"
+    if dtype != "auto":
+        return str(dtype).removeprefix("torch.")
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(model_args.model_name_or_path, revision=model_args.model_revision)
+    except Exception:  # noqa: BLE001 - an unreadable config fails later with its own message; here it is unknown
+        return None
+    found = config.get("dtype") or config.get("torch_dtype")
+    return str(found).removeprefix("torch.") if found else None
+
+
+def mixed_precision_on(training_args) -> bool:
+    """bf16/fp16 autocast (the Trainer's) or a DeepSpeed config that computes in bf16/fp16."""
+    if training_args.bf16 or training_args.fp16:
+        return True
+    config = getattr(training_args, "hf_deepspeed_config", None)
+    if config is not None:
+        return any(config.config.get(k, {}).get("enabled") is True for k in ("bf16", "fp16"))
+    return False
 
 
 def resolve_attention(model_args, training_args) -> dict:
-    """Pick the attention kernel once, and keep padding-free batching only where the kernel supports it.
+    """Pick the attention kernel and the batching once, before loading, and return the decision for the manifest.
 
-    FlashAttention needs a CUDA GPU and the flash-attn package; without them we fall back to sdpa with a logged
-    reason instead of a stack trace at the first forward. Padding-free batches (and TRL's BFD packing, which implies
-    them) are only correct with a varlen FlashAttention kernel: with sdpa or eager the loss silently mixes sequences
-    (trl #2834), so they are switched off with a warning.
+    - A FlashAttention kernel (`flash_attention_2/3/4` or a hub kernel such as `kernels-community/flash-attn2`) is
+      kept when it is usable here: a CUDA GPU of a new enough compute capability, and the kernel actually imports.
+      Otherwise sdpa, with the reason in one logged line (not a stack trace at the first forward).
+    - FlashAttention computes in fp16/bf16 only: fp32 weights without bf16/fp16 mixed precision are an error here.
+    - Padding-free batches (`padding_free`, or TRL's BFD packing, which implies them) stay on with FlashAttention
+      and with the kernels in PADDING_FREE_VERIFIED; elsewhere they are switched off with the reason logged.
+      They need `use_cache: false` during training (a cache makes transformers skip the block-diagonal mask and the
+      rows' attention mixes -- measured), so the cache is switched off with a logged line.
+    - TRL refuses `padding_free: true` without packing while `max_length` is set (it would not truncate): refused
+      here, before anything is loaded.
     """
-    import importlib.util
-
-    import torch
-
+    if training_args.padding_free and not training_args.packing and training_args.max_length is not None:
+        raise SfnError(f"padding_free: true without packing does not truncate rows, and max_length is "
+                       f"{training_args.max_length} (TRL refuses that combination): set `max_length: null` (rows are "
+                       "used whole) or `packing: true` (BFD packing: padding-free batches truncated to max_length).")
     requested = model_args.attn_implementation
     used, reason = requested, None
-    if requested in FLASH_IMPLEMENTATIONS:
-        package = "flash_attn_interface" if requested == "flash_attention_3" else "flash_attn"
-        if not torch.cuda.is_available():
-            used, reason = "sdpa", f"{requested} needs a CUDA GPU and none is visible"
-        elif importlib.util.find_spec(package) is None:
-            used, reason = "sdpa", f"{requested} needs the {package} package (pip install 'sfn-train[flash]')"
-    if reason:
-        logger.warning("attention: %s; falling back to sdpa.", reason)
-        model_args.attn_implementation = used
-    flash = used in FLASH_IMPLEMENTATIONS
-    if not flash and training_args.padding_free:
-        logger.warning("padding_free needs a FlashAttention kernel (attention is %s): disabled.", used or "default")
-        training_args.padding_free = False
-    if not flash and training_args.packing and training_args.packing_strategy in ("bfd", "bfd_split"):
-        logger.warning(
-            "packing with strategy %s makes padding-free batches, which need a FlashAttention kernel "
-            "(attention is %s): packing disabled.", training_args.packing_strategy, used or "default")
-        training_args.packing = False
-    return {"requested": requested, "used": used, "fallback_reason": reason,
-            "padding_free": training_args.padding_free, "packing": training_args.packing}
+    if is_flash_kernel(requested):
+        reason = flash_unusable_reason(requested)
+        if reason:
+            used = "sdpa"
+            logger.warning("attention: %s; falling back to sdpa.", reason)
+            model_args.attn_implementation = used
+    flash = is_flash_kernel(used)
+    if flash:
+        dtype = loaded_dtype(model_args)
+        if dtype == "float32" and not mixed_precision_on(training_args):
+            raise SfnError(f"attn_implementation {used} computes in fp16/bf16 only, but the weights load in float32 "
+                           "and mixed precision is off: set `dtype: bfloat16` (or `bf16: true` for autocast), or use "
+                           "attn_implementation: sdpa.")
+
+    bfd = training_args.packing and training_args.packing_strategy in ("bfd", "bfd_split")
+    kernel = used or "sdpa"  # transformers' default
+    padding_free_reason = None
+    if training_args.padding_free or bfd:
+        if flash or (kernel in PADDING_FREE_VERIFIED and not training_args.trust_remote_code):
+            padding_free_reason = (f"{used} runs them with its varlen kernel" if flash else
+                                   f"{kernel} gets a block-diagonal causal mask from the restarting position_ids "
+                                   "(transformers >= 5), verified equal to padded batches")
+            logger.info("padding-free batches: %s.", padding_free_reason)
+            if training_args.use_cache:
+                logger.warning("use_cache switched off for training: with a cache transformers does not separate "
+                               "the rows of a padding-free batch.")
+                training_args.use_cache = False
+        else:
+            why = ("a model with remote code may build its own attention mask" if training_args.trust_remote_code
+                   else f"padding-free batches are not verified on {kernel} (verified: FlashAttention, "
+                        f"{', '.join(PADDING_FREE_VERIFIED)})")
+            if training_args.padding_free:
+                logger.warning("padding_free switched off: %s.", why)
+                training_args.padding_free = False
+            if bfd:
+                logger.warning("packing with strategy %s switched off (it makes padding-free batches): %s.",
+                               training_args.packing_strategy, why)
+                training_args.packing = False
+            padding_free_reason = f"off: {why}"
+    return {"requested": requested, "used": used, "fallback_reason": reason, "flash": flash,
+            "padding_free": training_args.padding_free, "packing": training_args.packing,
+            "padding_free_reason": padding_free_reason}
+
+
+def _first_line(exc) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else repr(exc))[:200]
 
 
 def deepspeed_stage(training_args) -> int | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import SfnError, disk_full_error, is_disk_full
 from .outputs import Selection, base_fingerprint, build_manifest, write_plugin_from_checkpoint
+from .precision import full_precision_tensors, keep_fp32_masters, precision_record, restore_loaded_dtypes
 from .startup import (
     check_run_setup,
     check_train_output_dir,
@@ -118,6 +119,22 @@ def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
     return dataset
 
 
+def precision_probe(model, trainable, masters, training_args):
+    """A callback that reads the dtypes in effect once training begins (after DeepSpeed has cast the model)."""
+    from transformers import TrainerCallback
+
+    class _PrecisionProbe(TrainerCallback):
+        record: dict | None = None
+
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            self.record = precision_record(model, trainable, masters, training_args, optimizer)
+            logger.info("precision in effect: trained %s, frozen %s, optimizer %s, mixed precision %s",
+                        self.record["trainable_dtypes"], self.record["frozen_dtypes"],
+                        self.record["optimizer_param_dtypes"], self.record["mixed_precision"] or "off")
+
+    return _PrecisionProbe()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------------------------
@@ -164,6 +181,8 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
 
         selection.quantize_frozen = quantize_frozen(model, selection.trainable_tensors, sfn_args.quantize_frozen,
                                                     training_args.device)
+    # bf16/fp16 trained tensors become fp32 master weights (outside DeepSpeed, which keeps its own): sfn_train/precision.py
+    masters = keep_fp32_masters(model, selection.trainable_tensors, training_args)
     configure_activation_checkpointing(model, training_args)
 
     ################
@@ -180,8 +199,9 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     ################
     # Training
     ################
+    precision = precision_probe(model, selection.trainable_tensors, masters, training_args)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
-                         callbacks=callbacks)
+                         callbacks=[precision, *(callbacks or [])])
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -201,6 +221,9 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     # (atomic) with status "complete"; a run killed or out of disk before that leaves status "running".
     ################
     try:
+        # The plugin gets the full-precision (fp32 master) tensors; the checkpoint the loaded dtype, like the base.
+        plugin_tensors = full_precision_tensors(model, selection.trainable_tensors, masters)
+        restore_loaded_dtypes(model, masters)
         if not quantized:  # a quantized model is never saved as it is: see save_full_precision below
             trainer.save_model(str(output_dir))
         trainer.save_state()  # trainer_state.json: the loss curve (log_history), as JSON
@@ -214,11 +237,11 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
                 from .quantize import save_full_precision
 
                 save_full_precision(model, selection, output_dir, model_args.model_name_or_path, fingerprint,
-                                    tokenizer)
+                                    tokenizer, tensors=plugin_tensors)
             else:
-                write_plugin_from_checkpoint(output_dir, selection, fingerprint)
+                write_plugin_from_checkpoint(output_dir, selection, fingerprint, tensors=plugin_tensors)
             write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "complete",
-                                                                  metrics))
+                                                                  metrics, precision=precision.record))
             logger.info("saved checkpoint, plugin and manifest to %s", output_dir)
     except Exception as exc:  # reliability: a full disk during the final save is one line; status stays "running"
         if is_disk_full(exc, output_dir):

@@ -23,6 +23,16 @@ def qwen2_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_bf16_base(tmp_path_factory) -> Path:
+    """The qwen2 fixture's weights stored in bf16, as real bases are."""
+    import torch
+
+    from sfn_train.tiny import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen2-bf16", "qwen2", seed=0, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="session")
 def llama_tied_base(tmp_path_factory) -> Path:
     from sfn_train.tiny import save_tiny_checkpoint
 
