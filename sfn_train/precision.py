@@ -189,14 +189,16 @@ def precision_record(model, trainable, masters: Masters, training_args, optimize
     for name, param in model.named_parameters():
         (train_dtypes if name in wanted else frozen_dtypes)[str(param.dtype).removeprefix("torch.")] += 1
     state = Counter()
-    inner = optimizer
-    while inner is not None and not hasattr(inner, "param_groups"):
-        inner = getattr(inner, "optimizer", None)
-    if inner is not None:
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if isinstance(p, torch.Tensor):
-                    state[str(p.dtype).removeprefix("torch.")] += 1
+    inner, seen = optimizer, 0
+    while inner is not None and not state and seen < 5:  # accelerate / DeepSpeed wrap the torch optimizer
+        # DeepSpeed ZeRO keeps its fp32 masters as flat partitions: those are what its optimizer updates
+        flat = getattr(inner, "fp32_partitioned_groups_flat", None) or getattr(inner, "single_partition_of_fp32_groups",
+                                                                              None)
+        tensors = list(flat or []) or [p for g in getattr(inner, "param_groups", None) or [] for p in g["params"]]
+        for p in tensors:
+            if isinstance(p, torch.Tensor):
+                state[str(p.dtype).removeprefix("torch.")] += 1
+        inner, seen = getattr(inner, "optimizer", None), seen + 1
     if training_args.bf16:
         autocast = "bf16"
     elif training_args.fp16:
