@@ -147,26 +147,32 @@ def _cast_hooks(module, activation_dtype) -> list:
 # --------------------------------------------------------------------------------------------------------------------
 # After training
 # --------------------------------------------------------------------------------------------------------------------
-def full_precision_tensors(model, trainable, masters: Masters) -> dict | None:
-    """The trained tensors in full precision (the masters), on CPU, on every rank; None if the engine hides them.
+def full_precision_tensors(model, trainable, masters: Masters, keep: bool = True) -> dict | None:
+    """The trained tensors in full precision (the masters), on CPU; None if the engine hides them.
 
-    Plain: the live parameters (fp32 where upcast). DeepSpeed: its fp32 masters (a collective under ZeRO: every rank
-    must call this). FSDP: None (the plugin then comes from the gathered checkpoint).
+    Plain: the live parameters (fp32 where upcast). DeepSpeed: its fp32 masters, gathered tensor by tensor (a
+    collective under ZeRO: every rank must call this, in the same order). FSDP: None (the plugin then comes from the
+    gathered checkpoint). Only the process that writes the plugin passes `keep=True`; the others take part in the
+    gathering and hold nothing (a full fine-tune's masters are 4 bytes per parameter).
     """
     wanted = set(trainable)
     if masters.engine == "fsdp":
         return None
     params = [(n, p) for n, p in model.named_parameters() if n in wanted]
+    found = {}
     if masters.engine == "deepspeed":
         from deepspeed.utils import safe_get_full_fp32_param
 
-        found = {}
         for name, param in params:
             value = safe_get_full_fp32_param(param)
             if value is None:
                 return None  # not trained by a DeepSpeed optimizer (DeepSpeed without ZeRO): use the checkpoint
-            found[name] = value.detach().to("cpu", copy=True).reshape(getattr(param, "ds_shape", None) or param.shape)
-        return found
+            if keep:
+                shape = getattr(param, "ds_shape", None) or param.shape
+                found[name] = value.detach().to("cpu", copy=True).reshape(shape)
+        return found if keep else None
+    if not keep:
+        return None
     return {name: param.detach().to("cpu", copy=True) for name, param in params}
 
 

@@ -222,7 +222,8 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     ################
     try:
         # The plugin gets the full-precision (fp32 master) tensors; the checkpoint the loaded dtype, like the base.
-        plugin_tensors = full_precision_tensors(model, selection.trainable_tensors, masters)
+        plugin_tensors = full_precision_tensors(model, selection.trainable_tensors, masters,
+                                                keep=trainer.is_world_process_zero())
         restore_loaded_dtypes(model, masters)
         if not quantized:  # a quantized model is never saved as it is: see save_full_precision below
             trainer.save_model(str(output_dir))
