@@ -247,8 +247,19 @@ class Context:
     def launch(self, cmd: list[str], log: Path, timeout: int = 420) -> None:
         """Run a launcher (torchrun / accelerate) in a child process; its output goes to `log`."""
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if self.dry else "8")}
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+        import signal
+
+        with open(log, "w") as f:  # its own process group: a timeout ends the launcher's workers too
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise RuntimeError(f"no result after {timeout}s (log: {log})") from None
+            finally:
+                if proc.poll() is None:  # interrupted (Ctrl-C, or the check itself was killed politely)
+                    os.killpg(proc.pid, signal.SIGKILL)
         if proc.returncode != 0:
             tail = log.read_text().strip().splitlines()[-3:]
             raise RuntimeError(f"exit {proc.returncode}: {' | '.join(tail)[-400:]} (log: {log})")
