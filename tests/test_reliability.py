@@ -436,9 +436,9 @@ DISK_FULL_GADGETS = {
 
 @pytest.mark.parametrize("case", list(DISK_FULL_GADGETS))
 def test_gadget_disk_full_leaves_nothing(gadget_ckpts, tmp_path, capsys, monkeypatch, case):
-    from sfn_train.gadgets import _io
+    from sfn_train import shards
 
-    monkeypatch.setattr(_io, "write_shard", _full_after(4096))
+    monkeypatch.setattr(shards, "write_shard", _full_after(4096))
     out = tmp_path / "runs" / "out"
     assert main([str(a) for a in DISK_FULL_GADGETS[case](gadget_ckpts, str(out))]) == 2
     line = one_line_error(capsys)

@@ -45,7 +45,8 @@ import torch
 from ..checkpoint import Checkpoint, atomic_output_dir, check_output_dir
 from ..errors import SfnError
 from ..roles import ROLE_PATTERNS, layer_index
-from ._io import CHUNK, FLOAT_DTYPES, iter_chunks, numel, one_thread, seed_for, torch_threads
+from ..shards import CHUNK, FLOAT_DTYPES, iter_chunks, numel, one_thread, torch_threads
+from ._io import seed_for
 
 EPS_REL = 1e-6
 EPS_FLOOR = 1e-12

@@ -28,19 +28,8 @@ import torch
 from ..checkpoint import Checkpoint, atomic_output_dir, cached_fingerprint, check_output_dir, copy_side_files
 from ..errors import SfnError
 from ..roles import layer_index, normalize_modules, num_layers, parse_layers, with_layer_index
-from ._io import (
-    CHUNK,
-    Entry,
-    iter_chunks,
-    layout_like,
-    numel,
-    one_thread,
-    require_float,
-    seed_for,
-    select,
-    write_checkpoint,
-    write_manifest,
-)
+from ..shards import CHUNK, Entry, iter_chunks, layout_like, numel, one_thread, write_checkpoint
+from ._io import require_float, seed_for, select, write_manifest
 
 MODES = ("zero", "reinit", "remove", "noise", "scale")
 

@@ -20,7 +20,8 @@ from functools import partial
 from ..checkpoint import Checkpoint, atomic_output_dir, cached_fingerprint, check_output_dir, copy_side_files
 from ..errors import SfnError
 from ..roles import normalize_modules
-from ._io import FLOAT_DTYPES, Entry, iter_chunks, layout_like, one_thread, select, write_checkpoint, write_manifest
+from ..shards import FLOAT_DTYPES, Entry, iter_chunks, layout_like, one_thread, write_checkpoint
+from ._io import select, write_manifest
 
 
 def check_same_arch(a: Checkpoint, b: Checkpoint, a_label: str, b_label: str) -> None:

@@ -25,7 +25,8 @@ from ..checkpoint import (
 from ..errors import SfnError
 from ..plugin import read_plugin_metadata, write_plugin
 from ..roles import normalize_modules
-from ._io import Entry, iter_chunks, layout_like, one_thread, select, write_checkpoint, write_manifest
+from ..shards import Entry, iter_chunks, layout_like, one_thread, write_checkpoint
+from ._io import select, write_manifest
 from .merge import check_same_arch, check_tensors_match
 
 
