@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shlex
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 MANIFEST_FILE = "sfn_manifest.json"
@@ -44,3 +47,26 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return Path(path)
+
+
+def command_line(command: str | None) -> str:
+    return command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def write_manifest(out: Path, gadget: str, command: str | None, **fields) -> dict:
+    """`sfn_manifest.json`: what was done, to what, by which command — enough to redo or audit the folder."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        sfn_version = version("sfn-train")
+    except PackageNotFoundError:
+        sfn_version = "unknown"
+    manifest = {
+        "gadget": gadget,
+        "command": command_line(command),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sfn_train_version": sfn_version,
+        **fields,
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

@@ -1,14 +1,17 @@
 """What a training run leaves in its output folder besides the weights: the plugin and the manifest.
 
 Shared by the plain save (`write_plugin_from_checkpoint`, from the gathered checkpoint) and the quantized save
-(`sfn_train.quantize.save_full_precision`, from the live model), so both write the same plugin and manifest.
+(`save_full_precision`, from the live model), so both write the same plugin and manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,6 +91,42 @@ def write_run_plugin(output_dir: Path, tensors: dict, selection: Selection, fing
     return write_plugin(Path(output_dir) / PLUGIN_FILE, tensors, base_fingerprint=fingerprint or "",
                         modules=selection.trainable_modules, layers=selection.trainable_layers,
                         source=str(output_dir))
+
+
+def save_full_precision(model, selection, output_dir: Path, base, fingerprint: str | None,
+                        tokenizer=None, tensors: dict | None = None) -> Path:
+    """Write the plugin (trained tensors from the live model) and the full checkpoint = base + plugin into output_dir.
+
+    Every file of the checkpoint (weights, index, config, tokenizer, generation config) comes from the base folder
+    through `plugin_apply`, written into a temporary folder and then moved in; the trained tensors are cast to the
+    base's stored dtype there, as `sfn plugin apply` does, while the plugin keeps them in full precision.
+    `tensors`: the trained tensors in full precision (the fp32 master weights, sfn_train/precision.py); without them
+    they are read from the live model. `tokenizer` (the run's, as `Trainer.save_model` would save it) replaces the
+    base's tokenizer files.
+    """
+    from .manifest import MANIFEST_FILE
+    from .plugin import plugin_apply
+
+    output_dir = Path(output_dir)
+    wanted = set(selection.trainable_tensors)
+    if tensors is None:
+        tensors = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if n in wanted}
+    missing = sorted(wanted - set(tensors))
+    if missing:
+        raise SfnError(f"internal error: trained tensors {missing[:3]} are not in the model; report this.")
+    plugin = write_run_plugin(output_dir, tensors, selection, fingerprint)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-full-", dir=output_dir))
+    try:
+        # force only when the base could not be fingerprinted (then the plugin carries no fingerprint to compare)
+        plugin_apply(base, plugin, tmp / "full", force=fingerprint is None, command="sfn train (quantize_frozen)")
+        for item in (tmp / "full").iterdir():
+            if item.name != MANIFEST_FILE:  # the run's own manifest is written next, by the trainer
+                os.replace(item, output_dir / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return output_dir
 
 
 def build_manifest(args, selection, attention, fingerprint, status, metrics=None, precision=None) -> dict:

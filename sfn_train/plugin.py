@@ -14,10 +14,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
-from .checkpoint import atomic_file, read_header
+from .checkpoint import (
+    Checkpoint,
+    TensorInfo,
+    atomic_file,
+    atomic_output_dir,
+    cached_fingerprint,
+    check_output_dir,
+    copy_side_files,
+    read_header,
+)
 from .errors import SfnError
+from .manifest import write_manifest
+from .shards import Entry, iter_chunks, layout_like, one_thread, write_checkpoint
 
 PLUGIN_FORMAT = "sfn-plugin/1"
 PLUGIN_FILE = "sfn_plugin.safetensors"
@@ -56,3 +68,82 @@ def read_plugin_metadata(path: str | os.PathLike) -> dict:
         "layers": json.loads(metadata.get("layers", "null")),
         "tensor_names": [k for k in header if k != "__metadata__"],
     }
+
+
+def _plugin_tensors(path: Path) -> dict[str, TensorInfo]:
+    header, data_start = read_header(path)
+    return {
+        name: TensorInfo(name, path, m["dtype"], tuple(m["shape"]), data_start + m["data_offsets"][0], data_start + m["data_offsets"][1])
+        for name, m in header.items()
+        if name != "__metadata__"
+    }
+
+
+@one_thread
+def plugin_apply(
+    base: str | os.PathLike,
+    plugin: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    overwrite: bool = False,
+    command: str | None = None,
+) -> dict:
+    """Write BASE with the plugin's tensors in place of its own into `out`; return the manifest.
+
+    A plugin tensor stored in another dtype than BASE's (a float32 plugin trained on a bf16 base) is cast to BASE's
+    dtype, so the output stays one dtype; same-dtype tensors are copied byte for byte.
+    """
+    meta = read_plugin_metadata(plugin)
+    base_ck = Checkpoint(base)
+    check_output_dir(out, overwrite)
+    tensors = _plugin_tensors(Path(plugin))
+    unknown = [n for n in tensors if n not in base_ck.tensors]
+    if unknown:
+        raise SfnError(
+            f"plugin {plugin} holds {len(unknown)} tensor(s) that BASE {base_ck.path} lacks (e.g. {unknown[0]}): "
+            "it was made for another model family."
+        )
+    for name, info in tensors.items():
+        if info.shape != base_ck.tensors[name].shape:
+            raise SfnError(
+                f"plugin tensor {name} has shape {list(info.shape)} but BASE's is {list(base_ck.tensors[name].shape)}: "
+                "the plugin was made for another model size."
+            )
+    base_fp = cached_fingerprint(base_ck.path)
+    if base_fp != meta.get("base_fingerprint"):
+        if not force:
+            raise SfnError(
+                f"BASE {base_ck.path} is not the checkpoint plugin {plugin} was extracted against (fingerprint "
+                f"{base_fp[:19]}... vs {str(meta.get('base_fingerprint'))[:19]}...): use that base, or pass --force."
+            )
+        print("warning: BASE fingerprint differs from the plugin's; applying anyway (--force).", file=sys.stderr)
+
+    entries = {n: Entry(n, i.dtype, i.shape, i) for n, i in base_ck.tensors.items()}
+    cast = []
+    for name, info in tensors.items():
+        target = base_ck.tensors[name]
+        if info.dtype == target.dtype:
+            entries[name] = Entry(name, target.dtype, target.shape, info)
+        else:
+            entries[name] = Entry(name, target.dtype, target.shape, info, lambda info=info: iter_chunks(info))
+            cast.append(name)
+    if cast:
+        print(f"note: {len(cast)} plugin tensor(s) cast to BASE's dtype ({base_ck.tensors[cast[0]].dtype}).", file=sys.stderr)
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        copy_side_files(base_ck.path, tmp)
+        write_checkpoint(layout_like(base_ck, entries), tmp, "plugin apply")
+        manifest = write_manifest(
+            tmp,
+            "plugin apply",
+            command,
+            base={"path": str(base_ck.path), "fingerprint": base_fp},
+            plugin={"path": str(Path(plugin).resolve()), "base_fingerprint": meta.get("base_fingerprint"),
+                    "source": meta.get("source"), "modules": meta.get("modules"), "layers": meta.get("layers")},
+            forced=bool(force and base_fp != meta.get("base_fingerprint")),
+            counts={"total": len(entries), "from_plugin": len(tensors), "from_base": len(entries) - len(tensors)},
+            plugin_tensors=list(tensors),
+            cast_tensors=cast,
+        )
+    return manifest

@@ -22,7 +22,8 @@ is quantized module by module (the accelerator only ever holds the quantized one
 
 How the result is saved. The live model holds 4/8-bit frozen weights, so it is never saved as the output. The trained
 tensors are taken from it in full precision into `sfn_plugin.safetensors`, and the output checkpoint is the base
-re-read tensor by tensor from its own safetensors files with those tensors in place (`sfn_train.gadgets.plugin_apply`):
+re-read tensor by tensor from its own safetensors files with those tensors in place (`sfn_train.plugin.plugin_apply`,
+called by `sfn_train.outputs.save_full_precision`):
 every frozen tensor is bitwise the base's, and config.json is the base's (no `quantization_config`), so the output
 loads with plain `from_pretrained`, without bitsandbytes.
 
@@ -35,9 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 from .errors import SfnError
 
@@ -185,43 +183,3 @@ def check_nothing_quantized_trains(model) -> None:
 
 def _param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Saving: full precision, rebuilt from the base's own files
-# --------------------------------------------------------------------------------------------------------------------
-def save_full_precision(model, selection, output_dir: Path, base, fingerprint: str | None,
-                        tokenizer=None, tensors: dict | None = None) -> Path:
-    """Write the plugin (trained tensors from the live model) and the full checkpoint = base + plugin into output_dir.
-
-    Every file of the checkpoint (weights, index, config, tokenizer, generation config) comes from the base folder
-    through `plugin_apply`, written into a temporary folder and then moved in; the trained tensors are cast to the
-    base's stored dtype there, as `sfn plugin apply` does, while the plugin keeps them in full precision.
-    `tensors`: the trained tensors in full precision (the fp32 master weights, sfn_train/precision.py); without them
-    they are read from the live model. `tokenizer` (the run's, as `Trainer.save_model` would save it) replaces the
-    base's tokenizer files.
-    """
-    from .gadgets import plugin_apply
-    from .manifest import MANIFEST_FILE
-    from .outputs import write_run_plugin
-
-    output_dir = Path(output_dir)
-    wanted = set(selection.trainable_tensors)
-    if tensors is None:
-        tensors = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if n in wanted}
-    missing = sorted(wanted - set(tensors))
-    if missing:
-        raise SfnError(f"internal error: trained tensors {missing[:3]} are not in the model; report this.")
-    plugin = write_run_plugin(output_dir, tensors, selection, fingerprint)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-full-", dir=output_dir))
-    try:
-        # force only when the base could not be fingerprinted (then the plugin carries no fingerprint to compare)
-        plugin_apply(base, plugin, tmp / "full", force=fingerprint is None, command="sfn train (quantize_frozen)")
-        for item in (tmp / "full").iterdir():
-            if item.name != MANIFEST_FILE:  # the run's own manifest is written next, by the trainer
-                os.replace(item, output_dir / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(output_dir)
-    return output_dir

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .errors import SfnError, disk_full_error, is_disk_full
-from .outputs import Selection, base_fingerprint, build_manifest, write_plugin_from_checkpoint
+from .outputs import Selection, base_fingerprint, build_manifest, save_full_precision, write_plugin_from_checkpoint
 from .precision import full_precision_tensors, keep_fp32_masters, precision_record, restore_loaded_dtypes
 from .startup import (
     check_run_setup,
@@ -235,8 +235,6 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
             if quantized:
                 # Issue 6: the trained tensors in full precision as the plugin, and the output checkpoint rebuilt
                 # from the unquantized base's own files with them in place (loads without bitsandbytes).
-                from .quantize import save_full_precision
-
                 save_full_precision(model, selection, output_dir, model_args.model_name_or_path, fingerprint,
                                     tokenizer, tensors=plugin_tensors)
             else:

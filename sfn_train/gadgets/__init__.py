@@ -12,6 +12,7 @@ write the output atomically (a temporary folder renamed at the end).
 from .delta import delta
 from .destroy import destroy
 from .merge import merge
-from .plugin import plugin_apply, plugin_extract
+from ..plugin import plugin_apply
+from .extract import plugin_extract
 
 __all__ = ["delta", "merge", "destroy", "plugin_extract", "plugin_apply"]

@@ -12,7 +12,8 @@ import shlex
 from .delta import SAMPLE, delta
 from .destroy import MODES, destroy
 from .merge import merge
-from .plugin import plugin_apply, plugin_extract
+from ..plugin import plugin_apply
+from .extract import plugin_extract
 
 
 def _command(name: str, argv: list[str]) -> str:

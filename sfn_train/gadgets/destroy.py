@@ -29,7 +29,8 @@ from ..checkpoint import Checkpoint, atomic_output_dir, cached_fingerprint, chec
 from ..errors import SfnError
 from ..roles import layer_index, normalize_modules, num_layers, parse_layers, with_layer_index
 from ..shards import CHUNK, Entry, iter_chunks, layout_like, numel, one_thread, write_checkpoint
-from ._io import require_float, seed_for, select, write_manifest
+from ..manifest import write_manifest
+from ._io import require_float, seed_for, select
 
 MODES = ("zero", "reinit", "remove", "noise", "scale")
 

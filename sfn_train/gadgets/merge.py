@@ -21,7 +21,8 @@ from ..checkpoint import Checkpoint, atomic_output_dir, cached_fingerprint, chec
 from ..errors import SfnError
 from ..roles import normalize_modules
 from ..shards import FLOAT_DTYPES, Entry, iter_chunks, layout_like, one_thread, write_checkpoint
-from ._io import select, write_manifest
+from ..manifest import write_manifest
+from ._io import select
 
 
 def check_same_arch(a: Checkpoint, b: Checkpoint, a_label: str, b_label: str) -> None:
