@@ -2,7 +2,7 @@
 
 Modules: `tasks` (problems and prompts), `generate` (hf / vLLM backends, plugin loading, budget forcing), `grading`
 (answer extraction, math-verify equivalence in timed worker processes), `levels` (I-IV rules), `stats` (bootstrap),
-`run` (`evaluate`), `report` (`compare`), `cli` (`sfn eval|compare|grade`).
+`run` (`evaluate`), `comparison` (`compare`), `cli` (`sfn eval|compare|grade`).
 
 Nothing heavy (torch, transformers) is imported here: the grading workers import this package when they start.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from .generate import GenerationSettings, ModelSpec
 from .grading import extract_answer, grade_file, grade_many, grade_response
 from .levels import classify_level
-from .report import compare
+from .comparison import compare
 from .run import evaluate, load_result
 from .stats import bootstrap_ci, paired_bootstrap, pass_at_1
 from .tasks import Task, load_task, register_task, registered_tasks

@@ -116,7 +116,7 @@ def compare_main(argv: list[str]) -> int:
     p.add_argument("--baseline", help="model label to compare against (default: the first file's)")
     p.add_argument("--out", default="compare.md", help="Markdown report; PNG plots are written next to it")
     a = p.parse_args(argv)
-    from .report import compare
+    from .comparison import compare
 
     result = compare(a.files, a.baseline, a.out)
     print(f"wrote {result['report']} and {', '.join(str(x) for x in result['plots'])}")
