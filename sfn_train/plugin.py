@@ -1,4 +1,4 @@
-"""The plugin file format: a small safetensors file holding only selected tensors, plus where they belong.
+"""Plugins: a small safetensors file holding only selected tensors, plus where they belong, and applying one.
 
 The paper's Conjecture 2 "Output Projection Plugin": the trained o_proj tensors of a fine-tune, applied onto the base
 they were trained from. The trainer writes `sfn_plugin.safetensors` in this format and `sfn plugin extract` writes
@@ -8,6 +8,12 @@ the same thing from two checkpoints. Metadata (safetensors string map):
 - `base_fingerprint`: `checkpoint.fingerprint` of the base the tensors apply to
 - `modules`, `layers`: the selection, JSON
 - `source`: free text (the run or checkpoint it came from)
+
+Everything that applies a plugin goes through `check_plugin` here, so `sfn plugin apply`, the quantized trainer's
+save and `sfn eval BASE --plugin` refuse the same plugins with the same words: `plugin_apply` writes BASE + plugin
+as a new checkpoint folder, streaming tensor by tensor (a plugin tensor is a byte copy, so
+apply(BASE, extract(TUNED, BASE)) reproduces TUNED's selected tensors bit for bit); `apply_plugin_to_model` patches a
+model already loaded from BASE.
 """
 
 from __future__ import annotations
@@ -70,13 +76,85 @@ def read_plugin_metadata(path: str | os.PathLike) -> dict:
     }
 
 
-def _plugin_tensors(path: Path) -> dict[str, TensorInfo]:
+def plugin_tensors(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Names, dtypes, shapes and byte ranges of the plugin's tensors, read from its header only."""
+    path = Path(path)
     header, data_start = read_header(path)
     return {
         name: TensorInfo(name, path, m["dtype"], tuple(m["shape"]), data_start + m["data_offsets"][0], data_start + m["data_offsets"][1])
         for name, m in header.items()
         if name != "__metadata__"
     }
+
+
+def check_plugin(plugin: str | os.PathLike, base: Checkpoint, *, force: bool = False) -> dict:
+    """Refuse a plugin that does not belong to `base`; return what was checked, for the output's record.
+
+    Refused in one line each: a plugin tensor BASE lacks (another model family), a shape that differs (another size),
+    and -- unless `force` -- a BASE whose fingerprint is not the one the plugin was made against. The last is the check
+    that matters most: a fine-tune or another seed of the same model has every name and shape right, and a plugin
+    applied to it silently means something else. `forced` in the record is true when `force` overrode a mismatch.
+    """
+    meta = read_plugin_metadata(plugin)
+    tensors = plugin_tensors(plugin)
+    unknown = [n for n in tensors if n not in base.tensors]
+    if unknown:
+        raise SfnError(
+            f"plugin {plugin} holds {len(unknown)} tensor(s) that BASE {base.path} lacks (e.g. {unknown[0]}): "
+            "it was made for another model family."
+        )
+    for name, info in tensors.items():
+        if info.shape != base.tensors[name].shape:
+            raise SfnError(
+                f"plugin tensor {name} has shape {list(info.shape)} but BASE's is {list(base.tensors[name].shape)}: "
+                "the plugin was made for another model size."
+            )
+    base_fp = cached_fingerprint(base.path)
+    expected = meta.get("base_fingerprint")
+    mismatch = base_fp != expected
+    if mismatch:
+        if not force:
+            raise SfnError(
+                f"BASE {base.path} is not the checkpoint plugin {plugin} was extracted against (fingerprint "
+                f"{base_fp[:19]}... vs {str(expected)[:19]}...): use that base, or pass --force."
+            )
+        print("warning: BASE fingerprint differs from the plugin's; applying anyway (--force).", file=sys.stderr)
+    return {
+        "path": str(Path(plugin).resolve()),
+        "base_fingerprint": expected,
+        "applied_to_fingerprint": base_fp,
+        "force": bool(force),
+        "forced": mismatch,
+        "source": meta.get("source"),
+        "modules": meta.get("modules"),
+        "layers": meta.get("layers"),
+        "tensors": list(tensors),
+    }
+
+
+def apply_plugin_to_model(model, plugin: str | os.PathLike, base: str | os.PathLike, *, force: bool = False,
+                          check: dict | None = None) -> dict:
+    """Overwrite the tensors of `model`, loaded from checkpoint `base`, with the plugin's; return `check_plugin`'s record.
+
+    The plugin is checked against BASE's files exactly as `plugin_apply` checks it (`check`: that check's record when
+    the caller already ran it, e.g. before a long evaluation starts), then its tensors are copied into the model's
+    state dict, cast to the model's dtype.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    record = check if check is not None else check_plugin(plugin, Checkpoint(base), force=force)
+    state = model.state_dict()
+    missing = [n for n in record["tensors"] if n not in state]
+    if missing:
+        raise SfnError(f"plugin tensor {missing[0]!r} is in BASE's files but not among the loaded model's parameters "
+                       f"({type(model).__name__} names it differently); write the merged checkpoint with "
+                       "`sfn plugin apply` and load that instead.")
+    tensors = load_file(str(plugin))
+    with torch.no_grad():
+        for name, value in tensors.items():
+            state[name].copy_(value.to(dtype=state[name].dtype, device=state[name].device))
+    return record
 
 
 @one_thread
@@ -94,30 +172,12 @@ def plugin_apply(
     A plugin tensor stored in another dtype than BASE's (a float32 plugin trained on a bf16 base) is cast to BASE's
     dtype, so the output stays one dtype; same-dtype tensors are copied byte for byte.
     """
-    meta = read_plugin_metadata(plugin)
+    read_plugin_metadata(plugin)  # a missing or foreign file is named first
     base_ck = Checkpoint(base)
     check_output_dir(out, overwrite)
-    tensors = _plugin_tensors(Path(plugin))
-    unknown = [n for n in tensors if n not in base_ck.tensors]
-    if unknown:
-        raise SfnError(
-            f"plugin {plugin} holds {len(unknown)} tensor(s) that BASE {base_ck.path} lacks (e.g. {unknown[0]}): "
-            "it was made for another model family."
-        )
-    for name, info in tensors.items():
-        if info.shape != base_ck.tensors[name].shape:
-            raise SfnError(
-                f"plugin tensor {name} has shape {list(info.shape)} but BASE's is {list(base_ck.tensors[name].shape)}: "
-                "the plugin was made for another model size."
-            )
-    base_fp = cached_fingerprint(base_ck.path)
-    if base_fp != meta.get("base_fingerprint"):
-        if not force:
-            raise SfnError(
-                f"BASE {base_ck.path} is not the checkpoint plugin {plugin} was extracted against (fingerprint "
-                f"{base_fp[:19]}... vs {str(meta.get('base_fingerprint'))[:19]}...): use that base, or pass --force."
-            )
-        print("warning: BASE fingerprint differs from the plugin's; applying anyway (--force).", file=sys.stderr)
+    check = check_plugin(plugin, base_ck, force=force)
+    tensors = plugin_tensors(plugin)
+    base_fp = check["applied_to_fingerprint"]
 
     entries = {n: Entry(n, i.dtype, i.shape, i) for n, i in base_ck.tensors.items()}
     cast = []
@@ -139,9 +199,8 @@ def plugin_apply(
             "plugin apply",
             command,
             base={"path": str(base_ck.path), "fingerprint": base_fp},
-            plugin={"path": str(Path(plugin).resolve()), "base_fingerprint": meta.get("base_fingerprint"),
-                    "source": meta.get("source"), "modules": meta.get("modules"), "layers": meta.get("layers")},
-            forced=bool(force and base_fp != meta.get("base_fingerprint")),
+            plugin={k: check[k] for k in ("path", "base_fingerprint", "source", "modules", "layers")},
+            forced=check["forced"],
             counts={"total": len(entries), "from_plugin": len(tensors), "from_base": len(entries) - len(tensors)},
             plugin_tensors=list(tensors),
             cast_tensors=cast,

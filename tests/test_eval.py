@@ -431,6 +431,7 @@ def test_base_plus_plugin(qwen2_base, task_file, tmp_path):
     r = json.loads(out.read_text())
     assert r["model"]["label"] == "qwen2+oproj" and r["model"]["plugin"] == str(plugin)
     assert r["model"]["plugin_metadata"]["tensor_names"] == [name]
+    assert r["model"]["plugin_check"]["forced"] is False and r["model"]["plugin_check"]["tensors"] == [name]
     assert r["settings"]["greedy"] is True
 
 
@@ -444,6 +445,31 @@ def test_plugin_with_unknown_tensor_is_refused(qwen2_base, tmp_path):
                           base_fingerprint="x", modules=["o_proj"], layers=[9])
     with pytest.raises(SfnError, match="lacks"):
         load_hf_model(ModelSpec(str(qwen2_base), plugin=str(plugin)), GenerationSettings(device="cpu"))
+
+
+def test_eval_refuses_a_plugin_made_for_another_base_unless_forced(qwen2_base, second_model, task_file, tmp_path,
+                                                                   capsys):
+    """Same names and shapes, another checkpoint: only the base fingerprint tells them apart, as in `sfn plugin apply`."""
+    from sfn_train.checkpoint import fingerprint
+    from sfn_train.cli import main
+    from sfn_train.gadgets import plugin_extract
+
+    plugin = tmp_path / "oproj.safetensors"
+    plugin_extract(second_model, qwen2_base, plugin)  # made against qwen2_base
+    out = tmp_path / "evals" / "r.json"
+    argv = ["eval", str(second_model), "--plugin", str(plugin), "--task", str(task_file), "--out", str(out),
+            "--max_new_tokens", "4", "--temperature", "0", "--grading-workers", "1", "--no-progress"]
+    assert main(argv) == 2
+    line = one_line_error(capsys)
+    assert "fingerprint" in line and "--force" in line
+    assert not (tmp_path / "evals").exists()
+
+    assert main([*argv, "--force"]) == 0
+    assert "warning: BASE fingerprint differs" in capsys.readouterr().err
+    check = json.loads(out.read_text())["model"]["plugin_check"]
+    assert check["force"] is True and check["forced"] is True
+    assert check["base_fingerprint"] == fingerprint(qwen2_base)
+    assert check["applied_to_fingerprint"] == fingerprint(second_model)
 
 
 def test_missing_task_file_is_one_line_error(qwen2_base, tmp_path, capsys):

@@ -241,15 +241,15 @@ def _in_process_grading(monkeypatch):
 def test_vllm_merges_once_per_model_builds_one_engine_and_cleans_up(bf16_base, two_tasks, tmp_path, monkeypatch, tok):
     import tempfile
 
-    import sfn_train.gadgets
+    import sfn_train.plugin
     from sfn_train.evaluation import evaluate
 
     plugin_value = Checkpoint(bf16_base).tensor(O_PROJ).float() + 0.25  # a float32 plugin for a bfloat16 base
     plugin = write_plugin(tmp_path / "oproj.safetensors", {O_PROJ: plugin_value},
                           base_fingerprint=fingerprint(bf16_base), modules=["o_proj"], layers=[1], source="test")
     merges = []
-    real_apply = sfn_train.gadgets.plugin_apply
-    monkeypatch.setattr(sfn_train.gadgets, "plugin_apply", lambda *a, **k: merges.append(a) or real_apply(*a, **k))
+    real_apply = sfn_train.plugin.plugin_apply
+    monkeypatch.setattr(sfn_train.plugin, "plugin_apply", lambda *a, **k: merges.append(a) or real_apply(*a, **k))
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     _in_process_grading(monkeypatch)

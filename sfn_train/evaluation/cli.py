@@ -58,6 +58,8 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="a .json file (one model, one task) or a folder")
     p.add_argument("--label", action="append", help="label per model (default: the folder name); repeatable")
     p.add_argument("--plugin", help="plugin .safetensors applied on the (single) base model")
+    p.add_argument("--force", action="store_true", help="apply --plugin even to a base whose fingerprint is not the "
+                   "plugin's (recorded in the result)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
     _opt(p, "--top-p", type=float, default=0.95)
@@ -83,13 +85,15 @@ def eval_main(argv: list[str]) -> int:
     _opt(p, "--allow-tokenizer-mismatch", action="store_true")
     _opt(p, "--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.force and not a.plugin:
+        raise SfnError("--force only applies with --plugin: remove it, or name the plugin file.")
     if a.plugin and len(a.models) != 1:
         raise SfnError("--plugin applies to one base model, but several were given; evaluate the base+plugin "
                        "in its own `sfn eval` call with the same --out folder.")
     from .generate import ModelSpec
     from .run import evaluate
 
-    models = [ModelSpec(m, plugin=a.plugin) for m in a.models]
+    models = [ModelSpec(m, plugin=a.plugin, force_plugin=a.force) for m in a.models]
     written = evaluate(
         models, a.task, a.out, labels=a.label, task_files=_task_files(a.task_file, a.task), answer_type=a.answer_type,
         limit=a.limit, grading_timeout=a.grading_timeout, grading_workers=a.grading_workers,

@@ -24,9 +24,10 @@ finish_reason "context" instead of being submitted (vLLM would raise for the who
 `max_model_len` when given, else the model's own (config.json's max_position_embeddings or equivalent, times the RoPE
 scaling factor, as vLLM derives it); with vLLM it is read back from the live engine.
 
-A model is a folder or hub id, or a base plus a plugin file. With the hf backend the base is loaded with
-`from_pretrained` and the plugin's tensors overwrite the matching state-dict entries (every plugin name must exist with
-the same shape). vLLM loads weights from a folder, so for a base + plugin the merged checkpoint is written once per
+A model is a folder or hub id, or a base plus a plugin file, which the evaluation checks before anything loads with the
+check `sfn plugin apply` makes (`sfn_train.plugin.check_plugin`: names, shapes, and the base fingerprint unless
+`force_plugin`). With the hf backend the base is loaded with `from_pretrained` and the plugin's tensors overwrite the
+matching state-dict entries. vLLM loads weights from a folder, so for a base + plugin the merged checkpoint is written once per
 model by the streaming `plugin_apply` (tensor by tensor, in the base's stored dtype) into a temporary folder
 (`$TMPDIR`; it needs the model's size on disk), one engine is built for all of that model's tasks, shut down
 explicitly, and the folder removed. Before anything loads, `check_vllm` refuses in one line a tensor-parallel size
@@ -53,11 +54,15 @@ from ..errors import SfnError
 
 @dataclass
 class ModelSpec:
-    """What to evaluate: a checkpoint (folder or hub id), optionally with a plugin file applied on top."""
+    """What to evaluate: a checkpoint (folder or hub id), optionally with a plugin file applied on top.
+
+    `force_plugin` applies the plugin even to a base whose fingerprint is not the one it was made against.
+    """
 
     path: str
     plugin: str | None = None
     label: str | None = None
+    force_plugin: bool = False
 
     def __post_init__(self):
         if self.label is None:
@@ -219,32 +224,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def apply_plugin(model, plugin_path: str) -> list[str]:
-    """Overwrite the model's tensors with the plugin's; every plugin name must exist with the same shape."""
-    import torch
-    from safetensors.torch import load_file
+def load_hf_model(spec: ModelSpec, settings: GenerationSettings, plugin_check: dict | None = None):
+    """(model in eval mode with the plugin applied, tokenizer with left padding).
 
-    from ..plugin import read_plugin_metadata
-
-    read_plugin_metadata(plugin_path)  # checks that it is a plugin file
-    tensors = load_file(str(plugin_path))
-    state = model.state_dict()
-    missing = [n for n in tensors if n not in state]
-    if missing:
-        raise SfnError(f"plugin {plugin_path} holds {len(missing)} tensor(s) the base model lacks (e.g. {missing[0]!r}); "
-                       "apply it to the base it was extracted from.")
-    for name, value in tensors.items():
-        if tuple(state[name].shape) != tuple(value.shape):
-            raise SfnError(f"plugin tensor {name!r} has shape {tuple(value.shape)} but the base has "
-                           f"{tuple(state[name].shape)}; apply it to the base it was extracted from.")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            state[name].copy_(value.to(dtype=state[name].dtype, device=state[name].device))
-    return sorted(tensors)
-
-
-def load_hf_model(spec: ModelSpec, settings: GenerationSettings):
-    """(model in eval mode with the plugin applied, tokenizer with left padding)."""
+    `plugin_check`: the record of `check_plugin` already run on this spec's plugin and base (else it is run here).
+    """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -257,7 +241,9 @@ def load_hf_model(spec: ModelSpec, settings: GenerationSettings):
     except Exception as exc:  # noqa: BLE001
         raise SfnError(f"could not load {spec.path} as a causal LM ({type(exc).__name__}: {exc}).") from None
     if spec.plugin:
-        apply_plugin(model, spec.plugin)
+        from ..plugin import apply_plugin_to_model
+
+        apply_plugin_to_model(model, spec.plugin, path, force=spec.force_plugin, check=plugin_check)
     model.generation_config = GenerationConfig()  # nothing from generation_config.json may leak into sampling
     model.to(device).eval()
     tokenizer = load_tokenizer(spec.path)
@@ -589,19 +575,19 @@ def merged_checkpoint(spec: ModelSpec):
     """A folder vLLM can load: the model's own, or base + plugin written once by the streaming `plugin_apply`.
 
     The merged folder is in the base's stored dtype (plugin tensors are cast to it, the rest copied byte for byte) and
-    is removed when the block ends. The plugin's base fingerprint is not re-checked here (force): the evaluation
-    accepted this base + plugin pair already, as the hf backend does.
+    is removed when the block ends. `plugin_apply` checks the plugin against the base by the same rule as the hf
+    backend (fingerprint included unless `force_plugin`); `evaluate` already ran that check before anything loaded.
     """
     from ..checkpoint import resolve_path
 
     if not spec.plugin:
         yield str(resolve_path(spec.path))
         return
-    from ..gadgets import plugin_apply
+    from ..plugin import plugin_apply
 
     tmp = Path(tempfile.mkdtemp(prefix="sfn-eval-merged-"))
     try:
-        plugin_apply(spec.path, spec.plugin, tmp / "model", force=True,
+        plugin_apply(spec.path, spec.plugin, tmp / "model", force=spec.force_plugin,
                      command=f"sfn eval --backend vllm (merged {spec.label} for the engine)")
         yield str(tmp / "model")
     finally:
@@ -744,5 +730,5 @@ def library_versions() -> dict:
 
 
 __all__ = ["ModelSpec", "GenerationSettings", "Row", "load_tokenizer", "eos_token_ids", "tokenizer_signature",
-           "build_prompt_ids", "load_hf_model", "apply_plugin", "generate_hf", "VllmEngine", "check_vllm",
+           "build_prompt_ids", "load_hf_model", "generate_hf", "VllmEngine", "check_vllm",
            "check_max_model_len", "context_length", "make_rows", "Forcing", "library_versions"]

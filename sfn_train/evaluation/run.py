@@ -122,13 +122,14 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
             check_max_model_len(spec, gen)
     if gen.backend == "vllm":
         check_vllm(specs, gen)
+    plugin_checks = _check_plugins(specs)
 
     written = []
     for spec in specs:
         tokenizer, eos, signature = tok_info[spec.label]
         model = engine = None
         if gen.backend == "hf":
-            model, tokenizer = load_hf_model(spec, gen)
+            model, tokenizer = load_hf_model(spec, gen, plugin_checks.get(spec.label))
             context_len = hf_context_length(model, gen)
             engine_info = {"engine": "hf", "context_length": context_len,
                            "dtype": str(next(model.parameters()).dtype)}
@@ -148,7 +149,7 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
                     seconds = engine.generate(tokenizer, rows, eos, progress)
                 _note_context_stops(spec, task, rows, engine_info)
                 result = _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature,
-                                   grading_timeout, grading_workers, progress)
+                                   grading_timeout, grading_workers, progress, plugin_checks.get(spec.label))
                 result["settings"]["engine"] = engine_info
                 path = paths[(spec.label, task.name)]
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,8 +174,17 @@ def _note_context_stops(spec, task, rows, engine_info) -> None:
               file=sys.stderr)
 
 
+def _check_plugins(specs: list[ModelSpec]) -> dict[str, dict]:
+    """Check every plugin against its base before anything generates: label -> `check_plugin`'s record."""
+    from ..checkpoint import Checkpoint
+    from ..plugin import check_plugin
+
+    return {spec.label: check_plugin(spec.plugin, Checkpoint(spec.path), force=spec.force_plugin)
+            for spec in specs if spec.plugin}
+
+
 def _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature, grading_timeout,
-              grading_workers, progress) -> dict:
+              grading_workers, progress, plugin_check=None) -> dict:
     responses = [tokenizer.decode(r.gen_ids, skip_special_tokens=True) for r in rows]
     items = [{"response": text, "answer": task.problems[r.problem_index]["answer"], "type": task.answer_type,
               "choices": task.problems[r.problem_index].get("choices")} for r, text in zip(rows, responses)]
@@ -202,7 +212,7 @@ def _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, sign
     return {
         "format": FORMAT,
         "model": {"label": spec.label, "path": str(spec.path), "plugin": spec.plugin, "plugin_metadata": plugin_meta,
-                  "tokenizer_signature": signature},
+                  "plugin_check": plugin_check, "tokenizer_signature": signature},
         "task": task.describe(),
         "settings": {**gen.to_dict(), "chat_template": use_chat, "grading_timeout_s": grading_timeout,
                      "device": resolve_device(gen.device) if gen.backend == "hf" else "cuda"},
