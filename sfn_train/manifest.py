@@ -1,23 +1,41 @@
-"""What makes an output folder explain itself: versions, git revision, and an atomic JSON writer."""
+"""What makes an output explain itself: one manifest schema for training runs, gadget outputs and evaluation results.
+
+Every output carries the same provenance fields (`PROVENANCE_FIELDS`), then the fields of its kind:
+
+- `schema`: `sfn-manifest/1`
+- `kind`: `train`, `merge`, `destroy`, `plugin apply`, `delta` or `eval`
+- `written_at`: when this record was written (UTC, ISO 8601 to the second)
+- `command`: the command line that produced it, shell-quoted
+- `sfn_train_version`: the running package's version
+- `versions`: Python and the installed stack (`null` for a package that is not installed)
+- `git`: `{revision, dirty}` of the sfn-train source when it runs from a git checkout, else nulls
+
+A training run and each gadget write it as `sfn_manifest.json` in their output folder (`write_manifest`); an
+evaluation result file holds the same fields at its top level. The README lists the fields of each kind.
+"""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
-import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 MANIFEST_FILE = "sfn_manifest.json"
+SCHEMA = "sfn-manifest/1"
+KINDS = ("train", "merge", "destroy", "plugin apply", "delta", "eval")
+PROVENANCE_FIELDS = ("schema", "kind", "written_at", "command", "sfn_train_version", "versions", "git")
 _PACKAGES = ("sfn-train", "torch", "transformers", "trl", "deepspeed", "accelerate", "datasets", "safetensors",
-             "bitsandbytes", "flash-attn")
+             "bitsandbytes", "flash-attn", "math-verify", "vllm", "numpy")
 
 
 def versions() -> dict[str, str | None]:
-    found = {}
+    found = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
             found[name] = importlib.metadata.version(name)
@@ -40,33 +58,76 @@ def git_revision() -> dict[str, str | bool | None]:
         return {"revision": None, "dirty": None}
 
 
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    """Write JSON via a temporary file and rename: readers never see half a file."""
-    from .checkpoint import atomic_file
-
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    return Path(path)
-
-
-def command_line(command: str | None) -> str:
+def command_line(command: str | None = None) -> str:
+    """`command` as given, else this process's own command line (program name and arguments), shell-quoted."""
     return command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
-def write_manifest(out: Path, gadget: str, command: str | None, **fields) -> dict:
-    """`sfn_manifest.json`: what was done, to what, by which command — enough to redo or audit the folder."""
-    from importlib.metadata import PackageNotFoundError, version
+def provenance(kind: str, command: str | None = None) -> dict:
+    """The fields every output shares, in schema order."""
+    from . import __version__
 
-    try:
-        sfn_version = version("sfn-train")
-    except PackageNotFoundError:
-        sfn_version = "unknown"
-    manifest = {
-        "gadget": gadget,
+    if kind not in KINDS:
+        raise ValueError(f"internal error: manifest kind {kind!r} is not one of {KINDS}")
+    return {
+        "schema": SCHEMA,
+        "kind": kind,
+        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(command),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sfn_train_version": sfn_version,
-        **fields,
+        "sfn_train_version": __version__,
+        "versions": versions(),
+        "git": git_revision(),
     }
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def new_manifest(kind: str, command: str | None = None, **fields) -> dict:
+    """Provenance, then the fields of this kind of output."""
+    clash = set(fields) & set(PROVENANCE_FIELDS)
+    if clash:
+        raise ValueError(f"internal error: manifest fields {sorted(clash)} are provenance fields")
+    return {**provenance(kind, command), **fields}
+
+
+def write_manifest(folder: str | os.PathLike, kind: str, command: str | None = None, **fields) -> dict:
+    """`folder/sfn_manifest.json`: what was done, to what, by which command; enough to redo or audit the folder."""
+    manifest = new_manifest(kind, command, **fields)
+    write_json(Path(folder) / MANIFEST_FILE, manifest)
     return manifest
+
+
+def manifest_problems(data) -> list[str]:
+    """What is missing or malformed in the provenance fields of `data` (an empty list when it follows the schema)."""
+    if not isinstance(data, dict):
+        return [f"a manifest is a JSON object, not {type(data).__name__}"]
+    problems = [f"no `{key}`" for key in PROVENANCE_FIELDS if key not in data]
+    if problems:
+        return problems
+    if data["schema"] != SCHEMA:
+        problems.append(f"`schema` is {data['schema']!r}, not {SCHEMA!r}")
+    if data["kind"] not in KINDS:
+        problems.append(f"`kind` {data['kind']!r} is not one of {', '.join(KINDS)}")
+    try:
+        if datetime.fromisoformat(data["written_at"]).utcoffset() is None:
+            problems.append("`written_at` has no time zone")
+    except (TypeError, ValueError):
+        problems.append(f"`written_at` {data['written_at']!r} is not an ISO 8601 time")
+    for key in ("command", "sfn_train_version"):
+        if not isinstance(data[key], str) or not data[key]:
+            problems.append(f"`{key}` is not a non-empty string")
+    found = data["versions"]
+    if not isinstance(found, dict) or not all(isinstance(v, (str, type(None))) for v in found.values()):
+        problems.append("`versions` is not a mapping of package name to version string or null")
+    elif not {"python", "sfn-train", "torch"} <= set(found):
+        problems.append("`versions` lacks python, sfn-train or torch")
+    if not isinstance(data["git"], dict) or set(data["git"]) != {"revision", "dirty"}:
+        problems.append("`git` is not {revision, dirty}")
+    return problems
+
+
+def write_json(path: str | os.PathLike, data: dict, indent: int = 2) -> Path:
+    """Write JSON via a temporary file and rename: readers never see half a file, and a failed write leaves none."""
+    from .checkpoint import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    return Path(path)

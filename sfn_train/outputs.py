@@ -10,10 +10,8 @@ import dataclasses
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import SfnError
@@ -130,28 +128,23 @@ def save_full_precision(model, selection, output_dir: Path, base, fingerprint: s
 
 
 def build_manifest(args, selection, attention, fingerprint, status, metrics=None, precision=None) -> dict:
-    from . import __version__
-    from .manifest import git_revision, versions
+    from .manifest import new_manifest
 
     script_args, training_args, model_args, sfn_args = args
-    return {
-        "sfn_train_version": __version__,
-        "status": status,
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": sys.argv,
-        "recipe": {
+    return new_manifest(
+        "train",
+        status=status,
+        recipe={
             "script": dataclasses.asdict(script_args),
             "training": training_args.to_dict(),
             "model": dataclasses.asdict(model_args),
             "sfn": dataclasses.asdict(sfn_args),
         },
-        "base": {"model_name_or_path": model_args.model_name_or_path, "fingerprint": fingerprint},
-        "selection": selection.to_dict(),
-        "attention": attention,
-        "precision": precision,  # dtypes in effect, read from the live model once training began (None before)
-        "world_size": training_args.world_size,
-        "deepspeed_stage": deepspeed_stage(training_args),
-        "metrics": metrics or {},
-        "versions": versions(),
-        "git": git_revision(),
-    }
+        base={"model_name_or_path": model_args.model_name_or_path, "fingerprint": fingerprint},
+        selection=selection.to_dict(),
+        attention=attention,
+        precision=precision,  # dtypes in effect, read from the live model once training began (None before)
+        world_size=training_args.world_size,
+        deepspeed_stage=deepspeed_stage(training_args),
+        metrics=metrics or {},
+    )

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import one_line_error
 from sfn_train.errors import SfnError
+from sfn_train.manifest import manifest_problems
 from sfn_train.evaluation import grading
 from sfn_train.evaluation.grading import extract_answer, grade_many, grade_response
 from sfn_train.evaluation.levels import classify_level
@@ -367,6 +368,8 @@ def test_evaluate_writes_every_field(two_results):
     assert [f.name for f in two_results] == ["base__arith.json", "other__arith.json"]
     r = json.loads(two_results[0].read_text())
     assert r["format"] == "sfn-eval/1"
+    assert manifest_problems(r) == [] and r["kind"] == "eval"
+    assert not list(two_results[0].parent.glob(".tmp-*"))
     assert r["model"]["label"] == "base" and r["model"]["plugin"] is None
     sig = r["model"]["tokenizer_signature"]
     assert set(sig) >= {"vocab_size", "vocab_sha256", "chat_template_sha256", "eos_token_ids", "signature"}
@@ -429,6 +432,7 @@ def test_base_plus_plugin(qwen2_base, task_file, tmp_path):
     assert main(["eval", str(qwen2_base), "--plugin", str(plugin), "--task", str(task_file), "--out", str(out),
                  "--max_new_tokens", "4", "--temperature", "0", "--grading-workers", "1", "--no-progress"]) == 0
     r = json.loads(out.read_text())
+    assert r["command"].startswith("sfn eval ") and "--plugin" in r["command"]
     assert r["model"]["label"] == "qwen2+oproj" and r["model"]["plugin"] == str(plugin)
     assert r["model"]["plugin_metadata"]["tensor_names"] == [name]
     assert r["model"]["plugin_check"]["forced"] is False and r["model"]["plugin_check"]["tensors"] == [name]

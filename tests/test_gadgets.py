@@ -19,6 +19,7 @@ from sfn_train.cli import main as sfn_main
 from sfn_train.errors import SfnError
 from sfn_train.gadgets import delta, destroy, merge, plugin_apply, plugin_extract
 from sfn_train.gadgets.delta import EDGES, Moments, symlog
+from sfn_train.manifest import manifest_problems
 from sfn_train.plugin import read_plugin_metadata, write_plugin
 from sfn_train.tiny import save_tiny_checkpoint
 
@@ -226,6 +227,7 @@ def test_merge_takes_selected_from_donor_bitwise(ckpts, tmp_path):
     assert a["model.layers.0.self_attn.o_proj.weight"] != b["model.layers.0.self_attn.o_proj.weight"]
     assert sorted(manifest["donor_tensors"]) == sorted(donors)
     saved = json.loads((out / "sfn_manifest.json").read_text())
+    assert saved == manifest and manifest_problems(saved) == [] and saved["kind"] == "merge"
     assert saved["counts"] == {"total": len(a), "from_base": len(a) - 4, "from_donor": 4}
     assert saved["base"]["fingerprint"] == fingerprint(ckpts["qa"])
     assert saved["donor"]["fingerprint"] == fingerprint(ckpts["qb"])
@@ -501,12 +503,16 @@ def test_cli_fingerprint_mismatch_and_force(ckpts, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "fingerprint" in err
     assert not Path(out).exists()
     assert sfn_main(["plugin", "apply", str(ckpts["qb"]), plugin, "--out", out, "--force"]) == 0
-    assert json.loads((Path(out) / "sfn_manifest.json").read_text())["forced"] is True
+    manifest = json.loads((Path(out) / "sfn_manifest.json").read_text())
+    assert manifest["forced"] is True and manifest["kind"] == "plugin apply" and manifest_problems(manifest) == []
+    assert manifest["command"].startswith("sfn plugin apply ") and manifest["command"].endswith(" --force")
 
 
 def test_cli_commands_end_to_end(ckpts, tmp_path, capsys):
     qa, qb = str(ckpts["qa"]), str(ckpts["qb"])
     assert sfn_main(["delta", qa, qb, "--out", str(tmp_path / "delta"), "--no-plots"]) == 0
+    manifest = json.loads((tmp_path / "delta" / "sfn_manifest.json").read_text())
+    assert manifest["kind"] == "delta" and manifest_problems(manifest) == []
     table = capsys.readouterr().out
     assert table.splitlines()[0].startswith("role") and "o_proj" in table
     assert sfn_main(["merge", qa, qb, "--modules", "q_proj,k_proj,v_proj", "--layers", "0-1", "--alpha", "0.5",
@@ -516,7 +522,8 @@ def test_cli_commands_end_to_end(ckpts, tmp_path, capsys):
     assert manifest["command"].startswith("sfn merge ")
     assert sfn_main(["destroy", qa, "--modules", "o_proj", "--layers", "1-2", "--mode", "reinit", "--std", "config",
                      "--out", str(tmp_path / "d")]) == 0
-    assert json.loads((tmp_path / "d" / "sfn_manifest.json").read_text())["std"] == 0.02
+    manifest = json.loads((tmp_path / "d" / "sfn_manifest.json").read_text())
+    assert manifest["std"] == 0.02 and manifest["kind"] == "destroy" and manifest_problems(manifest) == []
     # --overwrite is needed a second time.
     assert sfn_main(["destroy", qa, "--out", str(tmp_path / "d")]) == 2
     assert sfn_main(["destroy", qa, "--out", str(tmp_path / "d"), "--overwrite"]) == 0

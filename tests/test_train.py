@@ -10,6 +10,7 @@ import torch
 
 from conftest import changed_tensors, load_tensors, one_line_error, train_recipe
 from sfn_train.cli import main
+from sfn_train.manifest import manifest_problems
 from sfn_train.roles import select_names
 
 O_PROJ = {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(4)}
@@ -39,6 +40,7 @@ def test_default_trains_only_o_proj(tmp_path, qwen2_base, sum_data, caplog):
     assert manifest["recipe"]["sfn"]["trainable_modules"] == ["o_proj"]
     assert manifest["versions"]["trl"] and manifest["versions"]["torch"]
     assert "git" in manifest
+    assert manifest_problems(manifest) == [] and manifest["kind"] == "train"
     assert not (out / "training_args.bin").exists()  # no pickles in the output
 
 

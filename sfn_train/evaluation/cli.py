@@ -7,6 +7,7 @@ Multi-word options accept both spellings (`--max-new-tokens` and `--max_new_toke
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from ..errors import SfnError
 from .grading import DEFAULT_TIMEOUT_S
@@ -103,6 +104,7 @@ def eval_main(argv: list[str]) -> int:
         wait_text=a.wait_text, batch_size=a.batch_size, dtype=a.dtype, device=a.device,
         tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
         max_model_len=a.max_model_len, end_of_thinking=a.end_of_thinking, thinking_budget=a.thinking_budget,
+        command=shlex.join(["sfn", "eval", *argv]),
     )
     import json
 

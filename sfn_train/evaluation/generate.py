@@ -716,19 +716,6 @@ def _shutdown_vllm(llm) -> str:
     return how
 
 
-def library_versions() -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("sfn-train", "torch", "transformers", "math-verify", "vllm", "numpy"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 __all__ = ["ModelSpec", "GenerationSettings", "Row", "load_tokenizer", "eos_token_ids", "tokenizer_signature",
            "build_prompt_ids", "load_hf_model", "generate_hf", "VllmEngine", "check_vllm",
-           "check_max_model_len", "context_length", "make_rows", "Forcing", "library_versions"]
+           "check_max_model_len", "context_length", "make_rows", "Forcing"]

@@ -2,8 +2,9 @@
 
 Why one file per model x task holding everything: a result must be re-gradable and auditable months later without
 the run that made it, and `sfn compare` needs nothing else. Everything that could change a number is recorded:
-sampling settings, backend, seed, budget forcing, model path, plugin (with its metadata), tokenizer signature,
-level thresholds and library versions.
+sampling settings, backend, seed, budget forcing, model path, plugin (with its metadata and the check it passed),
+tokenizer signature, level thresholds, and the provenance every sfn output carries (`sfn_train.manifest`: command,
+versions, git revision). Each file is written atomically.
 
 Order of work: all inputs are checked first (tasks load, labels unique, output paths decided, tokenizers agree, the
 end-of-thinking token exists, --max-model-len fits every model, and for vLLM the tensor-parallel size fits the heads
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SfnError
+from ..manifest import new_manifest, write_json
 from . import levels as levels_mod
 from .generate import (
     GenerationSettings,
@@ -33,7 +35,6 @@ from .generate import (
     free_model,
     generate_hf,
     hf_context_length,
-    library_versions,
     load_hf_model,
     load_tokenizer,
     make_rows,
@@ -88,11 +89,13 @@ def _check_tokenizers(specs: list[ModelSpec], allow_mismatch: bool) -> dict[str,
 def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: list[str] | None = None,
              task_files: dict[str, str] | None = None, answer_type: str | None = None, limit: int | None = None,
              grading_timeout: float = DEFAULT_TIMEOUT_S, grading_workers: int | None = None,
-             allow_tokenizer_mismatch: bool = False, progress: bool = True, **settings) -> list[Path]:
+             allow_tokenizer_mismatch: bool = False, progress: bool = True, command: str | None = None,
+             **settings) -> list[Path]:
     """Generate, grade, classify and summarise every model on every task; return the JSON files written.
 
-    `models`: paths / hub ids, `ModelSpec`s or dicts {path, plugin?, label?}. `settings`: `GenerationSettings`
-    fields (temperature, top_p, max_new_tokens, samples, seed, chat_template, budget_forcing, backend, ...).
+    `models`: paths / hub ids, `ModelSpec`s or dicts {path, plugin?, label?, force_plugin?}. `settings`:
+    `GenerationSettings` fields (temperature, top_p, max_new_tokens, samples, seed, chat_template, budget_forcing,
+    backend, ...). `command`: the command line recorded in each result (default: this process's).
     """
     unknown = set(settings) - set(GenerationSettings.__dataclass_fields__)
     if unknown:
@@ -149,13 +152,11 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
                     seconds = engine.generate(tokenizer, rows, eos, progress)
                 _note_context_stops(spec, task, rows, engine_info)
                 result = _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature,
-                                   grading_timeout, grading_workers, progress, plugin_checks.get(spec.label))
+                                   grading_timeout, grading_workers, progress, plugin_checks.get(spec.label), command)
                 result["settings"]["engine"] = engine_info
                 path = paths[(spec.label, task.name)]
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".tmp-{path.name}")
-                tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
-                os.replace(tmp, path)
+                write_json(path, result, indent=1)
                 written.append(path)
         finally:
             if engine is not None:
@@ -184,7 +185,7 @@ def _check_plugins(specs: list[ModelSpec]) -> dict[str, dict]:
 
 
 def _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature, grading_timeout,
-              grading_workers, progress, plugin_check=None) -> dict:
+              grading_workers, progress, plugin_check=None, command=None) -> dict:
     responses = [tokenizer.decode(r.gen_ids, skip_special_tokens=True) for r in rows]
     items = [{"response": text, "answer": task.problems[r.problem_index]["answer"], "type": task.answer_type,
               "choices": task.problems[r.problem_index].get("choices")} for r, text in zip(rows, responses)]
@@ -209,18 +210,18 @@ def _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, sign
         from ..plugin import read_plugin_metadata
 
         plugin_meta = read_plugin_metadata(spec.plugin)
-    return {
-        "format": FORMAT,
-        "model": {"label": spec.label, "path": str(spec.path), "plugin": spec.plugin, "plugin_metadata": plugin_meta,
-                  "plugin_check": plugin_check, "tokenizer_signature": signature},
-        "task": task.describe(),
-        "settings": {**gen.to_dict(), "chat_template": use_chat, "grading_timeout_s": grading_timeout,
-                     "device": resolve_device(gen.device) if gen.backend == "hf" else "cuda"},
-        "level_thresholds": dict(levels_mod.THRESHOLDS),
-        "versions": library_versions(),
-        "summary": summarize(per_problem, [len(r.gen_ids) for r in rows], seconds, all_levels, seed=gen.seed),
-        "problems": problems,
-    }
+    return new_manifest(
+        "eval", command,
+        format=FORMAT,
+        model={"label": spec.label, "path": str(spec.path), "plugin": spec.plugin, "plugin_metadata": plugin_meta,
+               "plugin_check": plugin_check, "tokenizer_signature": signature},
+        task=task.describe(),
+        settings={**gen.to_dict(), "chat_template": use_chat, "grading_timeout_s": grading_timeout,
+                  "device": resolve_device(gen.device) if gen.backend == "hf" else "cuda"},
+        level_thresholds=dict(levels_mod.THRESHOLDS),
+        summary=summarize(per_problem, [len(r.gen_ids) for r in rows], seconds, all_levels, seed=gen.seed),
+        problems=problems,
+    )
 
 
 def load_result(path: str | os.PathLike) -> dict:

@@ -44,6 +44,7 @@ import torch
 
 from ..checkpoint import Checkpoint, atomic_output_dir, check_output_dir
 from ..errors import SfnError
+from ..manifest import write_manifest
 from ..roles import ROLE_PATTERNS, layer_index
 from ..shards import CHUNK, FLOAT_DTYPES, iter_chunks, numel, one_thread, torch_threads
 from ._io import seed_for
@@ -288,6 +289,7 @@ def delta(
         "skipped_not_float": skipped_dtype,
     }
     with atomic_output_dir(out, overwrite) as tmp:
+        write_manifest(tmp, "delta", a={"path": str(ck_a.path)}, b={"path": str(ck_b.path)}, sample=sample, seed=seed)
         (tmp / "delta.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
         _write_csv(tmp / "delta.csv", rows)
         if plots:
