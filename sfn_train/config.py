@@ -5,6 +5,7 @@ A recipe YAML and command-line flags are the same keys (flags override YAML); a 
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -77,108 +78,143 @@ def platform_defaults() -> dict:
 
 
 def make_parser():
-    from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
-
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, SfnArguments))
-    parser.set_defaults(**platform_defaults())
-    return parser
+    """The recipe parser (a `TrlParser`); built on first use so that importing this module does not import TRL."""
+    return _recipe_parser_class()()
 
 
-class _ParseError(SfnError):
-    pass
+@functools.lru_cache(maxsize=1)
+def _recipe_parser_class():
+    from trl import TrlParser
+
+    class RecipeParser(TrlParser):
+        """TrlParser over the four recipe dataclasses that reports every problem as data, never as message text.
+
+        A recipe key no dataclass field has is a set difference; a flag no option takes is what `parse_known_args`
+        leaves over; a value of the wrong kind is caught per key before parsing (`_check_value_types`); argparse's
+        own conversion of a flag fails with its `ArgumentError` (`exit_on_error=False`); and a value that a
+        dataclass's `__post_init__` refuses is traced to its key by building that dataclass with that key alone.
+        """
+
+        def __init__(self):
+            from trl import ModelConfig, ScriptArguments, SFTConfig
+
+            super().__init__((ScriptArguments, SFTConfig, ModelConfig, SfnArguments), exit_on_error=False)
+            self.set_defaults(**platform_defaults())
+
+        def error(self, message):  # argparse's remaining exits (a flag without its value, ...): one line instead
+            raise SfnError(f"{message}; see `sfn train --help` for the valid keys.")
+
+        def recipe_keys(self) -> dict:
+            """Recipe key -> its argparse action (the `--no_x` twin of a boolean shares its dest and comes second)."""
+            keys = {}
+            for action in self._actions:
+                if action.dest not in _RESERVED_KEYS:
+                    keys.setdefault(action.dest, action)
+            return keys
+
+        def parse_recipe(self, recipe: dict, flags: list[str], source: str | None) -> tuple:
+            """(script_args, training_args, model_args, sfn_args) from the recipe mapping and command-line flags."""
+            import argparse
+            import os
+
+            where = f"recipe {source}" if source else "recipe"
+            actions = self.recipe_keys()
+            unknown = [k for k in recipe if k not in actions and k != "env"]
+            if unknown:
+                raise SfnError(f"{where} has unknown key(s) {', '.join(unknown)}{_did_you_mean(unknown, actions)}: fix "
+                               "the spelling or remove them (`sfn train --help` lists every key).")
+            for key, value in recipe.items():
+                if key != "env":
+                    _check_text_value(where, key, value, actions[key])
+            env = recipe.get("env", {})
+            if not isinstance(env, dict):  # TrlParser's `env:` mapping: variables set before the run starts
+                raise SfnError(f"{where}: `env` takes a mapping of environment variable names to values.")
+
+            before = vars(self.parse_known_args([])[0])  # the values with no recipe and no flag
+            for name, value in env.items():
+                os.environ[str(name)] = str(value)
+            self.set_defaults_with_config(**{k: v for k, v in recipe.items() if k != "env"})
+            try:
+                namespace, rest = self.parse_known_args(flags)
+            except argparse.ArgumentError as exc:
+                raise SfnError(f"flag {exc.argument_name}: {exc.message}; see `sfn train --help`.") from None
+            stray = [r for r in rest if r.startswith("-")]
+            if stray:
+                hint = _did_you_mean([s.lstrip("-") for s in stray], actions, prefix="--")
+                raise SfnError(f"unknown flag(s) {', '.join(stray)}{hint}: fix the spelling (`sfn train --help` lists "
+                               "every key).")
+            if rest:
+                raise SfnError(f"unexpected value(s) {' '.join(rest)} on the command line: every value follows its "
+                               "--key (see `sfn train --help`).")
+            values = vars(namespace)
+            return tuple(self._build(dtype, values, before, where) for dtype in self.dataclass_types)
+
+        def _build(self, dtype, values: dict, before: dict, where: str):
+            import dataclasses
+
+            names = [f.name for f in dataclasses.fields(dtype) if f.init]
+            inputs = {n: values[n] for n in names if n in values}
+            try:
+                return _construct(dtype, inputs)
+            except SfnError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any refusal of a dataclass is a recipe problem
+                culprit = self._culprit(dtype, inputs, before)
+                key = f" (key `{culprit}`)" if culprit else ""
+                raise SfnError(f"invalid {where} value{key}: {type(exc).__name__}: {_first_line(exc)}; check it "
+                               "against `sfn train --help`.") from None
+
+        @staticmethod
+        def _culprit(dtype, inputs: dict, before: dict) -> str | None:
+            """The first key set by the recipe or a flag that `dtype` refuses on its own, all else left as it was."""
+            baseline = {k: before[k] for k in inputs if k in before}
+            for key, value in inputs.items():
+                if key in baseline and value == baseline[key]:
+                    continue
+                try:
+                    _construct(dtype, {**baseline, key: value})
+                except Exception:  # noqa: BLE001 - this key alone fails: it is the one to name
+                    return key
+            return None
+
+    return RecipeParser
+
+
+def _construct(dtype, inputs: dict):
+    with warnings.catch_warnings():
+        # TrainingArguments warns that SFTConfig's own `gradient_checkpointing` default is a deprecated alias.
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        return dtype(**inputs)
+
+
+def _did_you_mean(unknown: list[str], known, prefix: str = "") -> str:
+    import difflib
+
+    hints = [prefix + m for u in unknown for m in difflib.get_close_matches(u, list(known), n=1)]
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def parse_recipe(argv: list[str]):
     """argv (`--config recipe.yaml --key value ...`) -> (script_args, training_args, model_args, sfn_args).
 
-    Every failure is one `SfnError` line: argparse's own exit is turned into an exception, and unknown keys name
-    the recipe file.
+    Every failure is one `SfnError` line naming the key, the flag or the recipe file.
     """
-    import argparse
-
-    parser = make_parser()
-
-    def fail(message):  # argparse would print usage and exit; we want one clean line
-        raise _ParseError(f"{message}; see `sfn train --help` for the valid keys.")
-
-    parser.error = fail
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                sub.error = fail
-    config = argv[argv.index("--config") + 1] if "--config" in argv and argv.index("--config") + 1 < len(argv) else None
-    if config is not None:
-        _check_recipe_file(config)
+    argv = list(argv)
+    config, recipe = None, {}
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise SfnError("--config needs the path of a YAML recipe.")
+        config = argv[at + 1]
+        del argv[at : at + 2]
+        recipe = _check_recipe_file(config)
     try:
-        with warnings.catch_warnings():
-            # TrainingArguments warns that SFTConfig's own `gradient_checkpointing` default is a deprecated alias.
-            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-            parsed = tuple(parser.parse_args_and_config(argv))
+        return make_parser().parse_recipe(recipe, argv, config)
     except SfnError:
         raise
-    except ValueError as exc:
-        message = str(exc).splitlines()[0]
-        if message.startswith("Unknown arguments from config file"):
-            keys = [s[2:] for s in message.split("[", 1)[1].rsplit("]", 1)[0].replace("'", "").split(", ")
-                    if s.startswith("--")]
-            raise SfnError(
-                f"recipe {config} has unknown key(s) {', '.join(keys)}: fix the spelling or remove them "
-                "(`sfn train --help` lists every key)."
-            ) from None
-        if message.startswith("Some specified arguments are not used"):
-            flags = [s for s in message.split("[", 1)[1].rsplit("]", 1)[0].replace("'", "").split(", ") if s.startswith("--")]
-            raise SfnError(
-                f"unknown flag(s) {', '.join(flags)}: fix the spelling (`sfn train --help` lists every key)."
-            ) from None
-        raise SfnError(f"invalid recipe value{_culprit(config)}: {message}") from None
-    except TypeError as exc:
-        raise SfnError(f"invalid recipe value{_culprit(config)}: {_first_line(exc)}") from None
     except SystemExit as exc:  # argparse exits on its own options (e.g. a stray --help value); never exit silently
         raise SfnError(f"the recipe or flags made the argument parser exit (status {exc.code}): check them "
                        "against `sfn train --help`.") from None
-    except Exception as exc:  # noqa: BLE001 - parsing reads only the recipe, so any failure is a recipe problem
-        raise SfnError(f"invalid recipe{f' {config}' if config else ''}{_culprit(config)}: {type(exc).__name__}: "
-                       f"{_first_line(exc)}; check the keys and values against `sfn train --help`.") from None
-    if len(parsed) != 4:  # HfArgumentParser appends a namespace of values no dataclass took
-        raise SfnError(f"the recipe sets values no recipe key takes ({_first_line(parsed[4:])}): remove them.")
-    return parsed
-
-
-def _culprit(config: str | None) -> str:
-    """` (key `x`)` when parsing the recipe's key `x` alone already fails: names the key an error message does not."""
-    import os
-    import tempfile
-
-    import yaml
-
-    if config is None:
-        return ""
-    try:
-        with open(config) as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return ""
-    for key, value in data.items():
-        fd, path = tempfile.mkstemp(suffix=".yaml")
-        try:
-            with os.fdopen(fd, "w") as f:
-                yaml.safe_dump({key: value}, f)
-            parser = make_parser()
-            parser.error = _raise
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                parser.parse_args_and_config(["--config", path])
-        except KeyboardInterrupt:
-            raise
-        except BaseException:  # noqa: BLE001 - this key alone fails: it is the one to name
-            return f" (key `{key}`)"
-        finally:
-            os.unlink(path)
-    return ""
-
-
-def _raise(message):
-    raise ValueError(message)
 
 
 def _first_line(exc) -> str:
@@ -186,7 +222,8 @@ def _first_line(exc) -> str:
     return (lines[0] if lines else repr(exc))[:300]
 
 
-def _check_recipe_file(path: str) -> None:
+def _check_recipe_file(path: str) -> dict:
+    """The recipe's mapping, once it is known to be one, with string keys, of values of the right kinds."""
     import os
 
     import yaml
@@ -210,6 +247,7 @@ def _check_recipe_file(path: str) -> None:
     if reserved:  # argparse's own options: as recipe keys they would corrupt the parser instead of setting a value
         raise SfnError(f"recipe {path} uses {', '.join(reserved)}, which is a command-line option, not a recipe key: "
                        "remove it.")
+    return data
 
 
 _RESERVED_KEYS = {"help", "config"}
@@ -217,8 +255,9 @@ _BOOL_AS_TEXT = {"resume_from_checkpoint"}  # text fields where `true` is meanin
 _WORDS = {str: "a string", dict: "a mapping", list: "a list", int: "an integer", float: "a number", bool: "true/false"}
 
 
-def _field_types() -> dict[str, set]:
-    """Recipe key -> the plain types its dataclass field accepts (str, int, float, bool, list, dict)."""
+@functools.lru_cache(maxsize=1)
+def _field_types() -> dict[str, frozenset]:
+    """Recipe key -> the plain types its dataclass field accepts (str, int, float, bool, list, dict, NoneType)."""
     import dataclasses
     import typing
 
@@ -236,7 +275,7 @@ def _field_types() -> dict[str, set]:
             return set().union(*(flatten(a) for a in typing.get_args(tp)))
         return {tp} if isinstance(tp, type) else {object}
 
-    found: dict[str, set] = {}
+    found: dict[str, frozenset] = {}
     for cls in (ScriptArguments, SFTConfig, ModelConfig, SfnArguments):
         try:
             hints = typing.get_type_hints(cls)
@@ -244,12 +283,30 @@ def _field_types() -> dict[str, set]:
             continue
         for f in dataclasses.fields(cls):
             if f.name in hints:
-                found[f.name] = flatten(hints[f.name])
+                found[f.name] = frozenset(flatten(hints[f.name]) | ({type(None)} if f.default is None else set()))
     return found
 
 
+def _kind_error(value, allowed) -> bool:
+    """Whether a YAML value of this kind can never be right for a field of these types."""
+    if value is None:
+        return type(None) not in allowed
+    if isinstance(value, bool):
+        return bool not in allowed
+    if isinstance(value, int):
+        return not allowed & {int, float, list}  # a list key takes one item too (`trainable_layers: 3`)
+    if isinstance(value, float):
+        return not allowed & {float, list} and not (int in allowed and value.is_integer())
+    if isinstance(value, list):
+        return list not in allowed or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                              for v in value)
+    if isinstance(value, dict):
+        return dict not in allowed
+    return False  # text: converted by the key's own parser (`_check_text_value`)
+
+
 def _check_value_types(path: str, data: dict) -> None:
-    """Refuse true/false or a number for a key that takes only text, a list or a mapping.
+    """Refuse a value of a kind its key never takes: true/false, a number, null, a list or a mapping.
 
     Not only tidiness: keys such as `accelerator_config`, `deepspeed` and `fsdp_config` are opened as JSON files by
     TrainingArguments, and `open(True)` opens file descriptor 1 -- the recipe would close the process's stdout.
@@ -257,15 +314,33 @@ def _check_value_types(path: str, data: dict) -> None:
     types = _field_types()
     for key, value in data.items():
         allowed = types.get(key)
-        if not allowed or object in allowed:
+        if not allowed or object in allowed or (isinstance(value, bool) and key in _BOOL_AS_TEXT):
             continue
-        wrong_bool = isinstance(value, bool) and bool not in allowed and key not in _BOOL_AS_TEXT
-        wrong_number = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                        and not allowed & {int, float, list})  # a list key takes one item too (`trainable_layers: 3`)
-        if wrong_bool or wrong_number:
+        if _kind_error(value, allowed):
             want = " or ".join(_WORDS.get(t, t.__name__) for t in sorted(allowed - {type(None)}, key=str))
-            hint = " (quote it if it is text)" if str in allowed else ""
-            raise SfnError(f"recipe {path}: `{key}` takes {want}, not {value!r}{hint}; fix that value.")
+            if list in allowed and isinstance(value, list):
+                want = "a list of text or numbers"
+            hint = " (quote it if it is text)" if str in allowed and not isinstance(value, (list, dict)) else ""
+            shown = "null" if value is None else repr(value)
+            raise SfnError(f"recipe {path}: `{key}` takes {want}, not {shown}{hint}; fix that value.")
+
+
+def _check_text_value(where: str, key: str, value, action) -> None:
+    """A text value is converted by the key's own argparse type, as argparse does for a default: check it here."""
+    import argparse
+
+    if not isinstance(value, str) or not callable(action.type):
+        return
+    try:
+        converted = action.type(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        name = getattr(action.type, "__name__", "the key's type")
+        raise SfnError(f"{where}: `{key}` is {value!r}, which is not a valid {name} value; fix that value.") from None
+    if action.choices is not None and converted not in action.choices:
+        choices = [str(c) for c in action.choices]
+        listed = ", ".join(choices[:12]) + (f", ... ({len(choices)} in all, see `sfn train --help`)"
+                                             if len(choices) > 12 else "")
+        raise SfnError(f"{where}: `{key}` is {value!r}; use one of {listed}.")
 
 
 def print_help() -> None:

@@ -99,3 +99,39 @@ def test_value_types_are_checked_before_parsing(tmp_path):
     recipe.write_text("help: true\n")
     with pytest.raises(SfnError, match="help, which is a command-line option"):
         parse_recipe(["--config", str(recipe)])
+
+
+def test_problems_are_found_as_data_not_from_trl_message_text(tmp_path, monkeypatch):
+    """Unknown keys and flags, wrong kinds and refused values are named without reading TRL's error messages.
+
+    TRL's and transformers' own parse entry points (whose ValueError text the errors were once decoded from) are
+    replaced by ones that raise a reworded message: every error still names its key, and a good recipe parses.
+    """
+    from transformers import HfArgumentParser
+    from trl import TrlParser
+
+    def reworded(*args, **kwargs):
+        raise ValueError("a message worded some other way")
+
+    monkeypatch.setattr(TrlParser, "parse_args_and_config", reworded)
+    monkeypatch.setattr(HfArgumentParser, "parse_args_into_dataclasses", reworded)
+    recipe = tmp_path / "r.yaml"
+    cases = [
+        ("learning_rate: 1.0e-3\ntrainable_modlues: [o_proj]\n", [], "unknown key(s) trainable_modlues (did you "
+                                                                    "mean trainable_modules?)"),
+        ("learning_rate: 1.0e-3\n", ["--learnig_rate", "1"], "unknown flag(s) --learnig_rate (did you mean "
+                                                             "--learning_rate?)"),
+        ("learning_rate: fast\n", [], "`learning_rate` is 'fast'"),
+        ("max_steps: null\n", [], "`max_steps` takes an integer, not null"),
+        ("lr_scheduler_type: cosinus\n", [], "`lr_scheduler_type` is 'cosinus'; use one of linear, cosine"),
+        ("deepspeed: missing.json\n", [], "(key `deepspeed`)"),  # refused inside TrainingArguments.__post_init__
+    ]
+    for text, flags, expected in cases:
+        recipe.write_text(text)
+        with pytest.raises(SfnError) as err:
+            parse_recipe(["--config", str(recipe), *flags])
+        assert expected in str(err.value) and "\n" not in str(err.value)
+    recipe.write_text("learning_rate: 1.0e-3\ntrainable_modules: [o_proj, q_proj]\n")
+    parsed = parse_recipe(["--config", str(recipe), "--max_steps", "3"])
+    assert parsed[1].learning_rate == 1e-3 and parsed[1].max_steps == 3
+    assert parsed[3].trainable_modules == ["o_proj", "q_proj"]
