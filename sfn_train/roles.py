@@ -21,6 +21,13 @@ from .errors import SfnError
 _ATTN = r"(?:self_attn|attn|attention|self_attention)"
 _MLP = r"(?:mlp|feed_forward|ffn)"
 
+# The token embedding (position embeddings such as GPT-2's `wpe` are not it) and the output head's weight: a head tied
+# to the embedding (`tie_word_embeddings`) is that same matrix, and `save_pretrained` stores it once, under the
+# embedding's name (`tied_aliases`).
+TOKEN_EMBEDDING = r"(?:^|\.)(?:embed_tokens|wte|embed_in|word_embeddings)\.weight$"
+HEAD_WEIGHT = r"(?:^|\.)(?:lm_head|embed_out)\.weight$"
+TIED_HEAD_NAME = "lm_head.weight"
+
 ROLE_PATTERNS: dict[str, list[str]] = {
     "q_proj": [rf"\.{_ATTN}\.(?:q_proj|query|wq)\."],
     "k_proj": [rf"\.{_ATTN}\.(?:k_proj|key|wk)\."],
@@ -35,8 +42,8 @@ ROLE_PATTERNS: dict[str, list[str]] = {
     "down_proj": [rf"\.{_MLP}\.(?:down_proj|c_proj|dense_4h_to_h|fc2|fc_out|w2)\.", r"\.layers\.\d+\.fc2\."],
     # Every normalisation weight and bias: per-layer norms, q/k norms (Qwen3, Gemma 3) and the final norm.
     "norm": [r"(?:^|\.)[A-Za-z_0-9]*(?:norm|ln_\d+|ln_f)[A-Za-z_0-9]*\.(?:weight|bias)$"],
-    "embed": [r"(?:^|\.)(?:embed_tokens|wte|wpe|embed_in|word_embeddings|embed_positions)\.weight$"],
-    "lm_head": [r"(?:^|\.)(?:lm_head|embed_out)\.weight$", r"(?:^|\.)(?:lm_head|embed_out)\.bias$"],
+    "embed": [TOKEN_EMBEDDING, r"(?:^|\.)(?:wpe|embed_positions)\.weight$"],
+    "lm_head": [HEAD_WEIGHT, r"(?:^|\.)(?:lm_head|embed_out)\.bias$"],
 }
 # Groups users think in, and the paper's names for them.
 ROLE_GROUPS: dict[str, list[str]] = {
@@ -188,6 +195,21 @@ def select_names(
             "widen the layer range."
         )
     return [n for n in names if n in chosen]
+
+
+def tied_aliases(names: Sequence[str], tied: bool) -> dict[str, str]:
+    """`{"lm_head.weight": <the token embedding>}` for checkpoint tensor names whose head is tied and not stored.
+
+    The `aliases` of `select_names` for tensors on disk, so that `lm_head` selects the shared matrix there as it does
+    on a live model (where `select_parameters` sees the tie as one parameter under two names). Nothing when the head
+    is stored, the checkpoint is not tied, or the token embedding is not exactly one tensor.
+    """
+    head = re.compile(HEAD_WEIGHT)
+    if not tied or any(head.search(n) for n in names):
+        return {}
+    embedding = re.compile(TOKEN_EMBEDDING)
+    found = [n for n in names if embedding.search(n)]
+    return {TIED_HEAD_NAME: found[0]} if len(found) == 1 else {}
 
 
 def select_names_safe(names: Sequence[str], entry: str) -> list[str]:

@@ -267,6 +267,22 @@ def test_merge_bf16_sharded_tied(ckpts, tmp_path):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
+def test_merge_lm_head_on_a_gpt2_style_tied_checkpoint(tmp_path, capsys):
+    """GPT-2 stores its tied head once, as `transformer.wte.weight`: `--modules lm_head` must take that matrix."""
+    base = save_tiny_checkpoint(tmp_path / "gpt2_a", "gpt2", seed=0, layers=2)
+    donor = save_tiny_checkpoint(tmp_path / "gpt2_b", "gpt2", seed=1, layers=2)
+    assert "lm_head.weight" not in Checkpoint(base).tensors  # stored once, under the embedding's name
+    out = tmp_path / "m"
+    assert sfn_main(["merge", str(base), str(donor), "--modules", "lm_head", "--out", str(out)]) == 0
+    manifest = json.loads((out / "sfn_manifest.json").read_text())
+    assert manifest["donor_tensors"] == ["transformer.wte.weight"]  # not the position embedding `wpe`
+    a, b, m = raw_of(base), raw_of(donor), raw_of(out)
+    for name in a:
+        assert m[name] == (b[name] if name == "transformer.wte.weight" else a[name]), name
+    model = load_and_run(out)
+    assert torch.equal(model.lm_head.weight, tensors_of(donor)["transformer.wte.weight"])
+
+
 def test_merge_alpha_one_is_donor_bytes_in_bf16(ckpts, tmp_path):
     merge(ckpts["la"], ckpts["lb"], tmp_path / "m", modules="mlp", layers="2-3")
     a, b, m = raw_of(ckpts["la"]), raw_of(ckpts["lb"]), raw_of(tmp_path / "m")

@@ -73,6 +73,20 @@ def test_lm_head_on_tied_model_selects_the_shared_embedding(models):
     assert select_parameters(models["llama"], ["lm_head"]) == ["model.embed_tokens.weight"]
 
 
+def test_tied_aliases_on_checkpoint_names_point_the_head_at_the_token_embedding():
+    from sfn_train.roles import tied_aliases
+
+    hub_gpt2 = ["wte.weight", "wpe.weight", "h.0.attn.c_proj.weight", "ln_f.weight"]
+    assert tied_aliases(hub_gpt2, tied=True) == {"lm_head.weight": "wte.weight"}
+    assert select_names(hub_gpt2, "lm_head", aliases=tied_aliases(hub_gpt2, tied=True)) == ["wte.weight"]
+    assert tied_aliases(hub_gpt2, tied=False) == {}
+    llama = ["model.embed_tokens.weight", "model.layers.0.self_attn.o_proj.weight", "model.norm.weight"]
+    assert tied_aliases(llama, tied=True) == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert tied_aliases([*llama, "lm_head.weight"], tied=True) == {}  # a stored head is its own tensor
+    neox = ["gpt_neox.embed_in.weight", "embed_out.weight"]
+    assert tied_aliases(neox, tied=True) == {}
+
+
 def test_norm_role_covers_layer_and_final_norms(models):
     names = select_parameters(models["qwen3"], ["norm"])
     assert "model.norm.weight" in names

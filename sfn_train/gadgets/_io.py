@@ -23,16 +23,18 @@ def seed_for(name: str, seed: int) -> int:
 
 
 def tied_aliases(ckpt: Checkpoint) -> dict[str, str]:
-    """`lm_head.weight` -> the embedding it is tied to, when the head is not stored: lets `--modules lm_head` work."""
+    """`lm_head.weight` -> the token embedding it is tied to, when the head is not stored: `--modules lm_head` works.
+
+    A config without `tie_word_embeddings` counts as tied (GPT-2's hub config has no such key, and a checkpoint that
+    stores no head loads only by tying it); `tie_word_embeddings: false` does not.
+    """
+    from ..roles import tied_aliases as role_tied_aliases
+
     try:
-        tied = bool(ckpt.config().get("tie_word_embeddings", False))
+        tied = bool(ckpt.config().get("tie_word_embeddings", True))
     except SfnError:
         tied = False
-    if tied and "lm_head.weight" not in ckpt.tensors:
-        embed = next((n for n in ckpt.names if n.endswith("embed_tokens.weight")), None)
-        if embed:
-            return {"lm_head.weight": embed}
-    return {}
+    return role_tied_aliases(ckpt.names, tied)
 
 
 def select(ckpt: Checkpoint, modules, layers) -> list[str]:
