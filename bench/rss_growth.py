@@ -1,4 +1,4 @@
-"""Does resident memory grow with training steps?  (issue 7: long runs must not leak)
+"""Does resident memory grow with training steps?  (long runs must not leak)
 
 Trains the lab-style tiny model (qwen2, hidden 128, 4 layers, o_proj only) for a few hundred steps through
 `sfn_train.train.run_sft`, sampling this process's RSS (/proc/self/statm) every `--every` steps from a

@@ -180,7 +180,7 @@ def deepspeed_stage(training_args) -> int | None:
 def check_run_setup(training_args, model_args, sfn_args) -> None:
     """Refuse, before any model is loaded, the combinations that would waste a run or fail late."""
     if sfn_args.quantize_frozen != "none":
-        # Issue 6: bitsandbytes must be able to quantize and backpropagate on this device (a tiny probe), and the run
+        # bitsandbytes must be able to quantize and backpropagate on this device (a tiny probe), and the run
         # must be single-process or DDP; otherwise one line now, not a traceback after the model has loaded.
         from .quantize import check_quantize_setup
 

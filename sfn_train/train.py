@@ -33,7 +33,7 @@ logger = logging.getLogger("sfn_train")
 # --------------------------------------------------------------------------------------------------------------------
 # Model, selection, data
 # --------------------------------------------------------------------------------------------------------------------
-def load_tokenizer(model_args, trust_remote_code: bool = False):
+def load_train_tokenizer(model_args, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
@@ -165,7 +165,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     # Tokenizer and dataset (checked before the model, which may take minutes to load)
     ################
     # trust_remote_code stays False unless the recipe sets it: loading a checkpoint must not run its code.
-    tokenizer = load_tokenizer(model_args, training_args.trust_remote_code)
+    tokenizer = load_train_tokenizer(model_args, training_args.trust_remote_code)
     train_dataset = load_train_dataset(script_args, training_args, sfn_args, tokenizer)
 
     ################
@@ -175,7 +175,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     selection = freeze(model, sfn_args)
     quantized = sfn_args.quantize_frozen != "none"
     if quantized:
-        # Issue 6: the frozen linear layers become bitsandbytes layers on the training device; the trained ones,
+        # The frozen linear layers become bitsandbytes layers on the training device; the trained ones,
         # embeddings, norms and lm_head stay as loaded. Why this way into the Trainer: sfn_train/quantize.py.
         from .quantize import quantize_frozen
 
@@ -233,7 +233,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
             # The Trainer pickles its arguments next to the weights; the manifest records them as JSON instead.
             (output_dir / "training_args.bin").unlink(missing_ok=True)
             if quantized:
-                # Issue 6: the trained tensors in full precision as the plugin, and the output checkpoint rebuilt
+                # The trained tensors in full precision as the plugin, and the output checkpoint rebuilt
                 # from the unquantized base's own files with them in place (loads without bitsandbytes).
                 save_full_precision(model, selection, output_dir, model_args.model_name_or_path, fingerprint,
                                     tokenizer, tensors=plugin_tensors)

@@ -1,4 +1,4 @@
-"""`quantize_frozen: 4bit | 8bit` (issue 6): frozen linears through bitsandbytes, trained modules in full precision.
+"""`quantize_frozen: 4bit | 8bit`: frozen linears through bitsandbytes, trained modules in full precision.
 
 bitsandbytes 0.50.2 runs both modes on this x86_64 CPU (its torch/native CPU kernels), so the runs below train for
 real; the start-up error path is tested by making the probe fail.

@@ -1,4 +1,4 @@
-"""Issue 7, reliability: kill-and-resume, incomplete checkpoints, bad input, disk full, no code from data.
+"""Reliability: kill-and-resume, incomplete checkpoints, bad input, disk full, no code from data.
 
 A run killed with SIGKILL after its first checkpoint and resumed with `resume_from_checkpoint: true` must end with
 the same weights, bit for bit, as a run that was never interrupted; a checkpoint left half-written must be skipped

@@ -1,7 +1,7 @@
 """`sfn eval`, `sfn compare`, `sfn grade`: argparse wrappers over `evaluate`, `compare` and `grade_file`.
 
 Multi-word options accept both spellings (`--max-new-tokens` and `--max_new_tokens`), because the papers' scripts
-(and the issue) use underscores while the rest of the CLI uses dashes.
+use underscores while the rest of the CLI uses dashes.
 """
 
 from __future__ import annotations

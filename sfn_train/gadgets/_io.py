@@ -22,22 +22,20 @@ def seed_for(name: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def tied_aliases(ckpt: Checkpoint) -> dict[str, str]:
-    """`lm_head.weight` -> the token embedding it is tied to, when the head is not stored: `--modules lm_head` works.
+def is_tied(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint ties its output head to the token embedding.
 
     A config without `tie_word_embeddings` counts as tied (GPT-2's hub config has no such key, and a checkpoint that
     stores no head loads only by tying it); `tie_word_embeddings: false` does not.
     """
-    from ..roles import tied_aliases as role_tied_aliases
-
     try:
-        tied = bool(ckpt.config().get("tie_word_embeddings", True))
+        return bool(ckpt.config().get("tie_word_embeddings", True))
     except SfnError:
-        tied = False
-    return role_tied_aliases(ckpt.names, tied)
+        return False
 
 
 def select(ckpt: Checkpoint, modules, layers) -> list[str]:
-    from ..roles import select_names
+    """The checkpoint's tensor names selected by (modules, layers); `lm_head` finds a tied head stored as the embedding."""
+    from ..roles import select_names, tied_aliases
 
-    return select_names(ckpt.names, modules, layers, arch=ckpt.arch(), aliases=tied_aliases(ckpt))
+    return select_names(ckpt.names, modules, layers, arch=ckpt.arch(), aliases=tied_aliases(ckpt.names, is_tied(ckpt)))
