@@ -134,7 +134,7 @@ def check_plugin(plugin: str | os.PathLike, base: Checkpoint, *, force: bool = F
 
 def apply_plugin_to_model(model, plugin: str | os.PathLike, base: str | os.PathLike, *, force: bool = False,
                           check: dict | None = None) -> dict:
-    """Overwrite the tensors of `model`, loaded from checkpoint `base`, with the plugin's; return `check_plugin`'s record.
+    """Overwrite the tensors of `model`, loaded from checkpoint `base`, with the plugin's; return the check's record.
 
     The plugin is checked against BASE's files exactly as `plugin_apply` checks it (`check`: that check's record when
     the caller already ran it, e.g. before a long evaluation starts), then its tensors are copied into the model's

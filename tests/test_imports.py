@@ -52,8 +52,9 @@ def import_graph(root: Path = REPO) -> dict[str, set[str]]:
                 base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
                 module = ".".join(p for p in (base, node.module or "") if p)
                 found = [f"{module}.{alias.name}" for alias in node.names]  # a submodule, else resolved to module
-            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-                  and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                  and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+                  and isinstance(node.args[0].value, str)):
                 found = [node.args[0].value]
             targets.update(t for t in map(resolve, (f for f in found if f.startswith("sfn_train"))) if t)
         graph[name] = targets - {name}

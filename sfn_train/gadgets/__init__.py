@@ -6,7 +6,9 @@
 - `plugin_extract(TUNED, BASE, file)`, `plugin_apply(BASE, file, out)`: a fine-tune's changed tensors as one file
 
 All of them stream tensor by tensor (never two models in memory), check every input before creating the output, and
-write the output atomically (a temporary folder renamed at the end).
+write the output atomically (a temporary folder renamed at the end). The streaming reads and writes
+(`sfn_train.shards`), the plugin format and `plugin_apply` (`sfn_train.plugin`) and the manifest (`sfn_train.manifest`)
+live one level down, shared with the trainer and the evaluation; this package imports neither of those two.
 """
 
 from .delta import delta

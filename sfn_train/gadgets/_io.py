@@ -35,7 +35,7 @@ def is_tied(ckpt: Checkpoint) -> bool:
 
 
 def select(ckpt: Checkpoint, modules, layers) -> list[str]:
-    """The checkpoint's tensor names selected by (modules, layers); `lm_head` finds a tied head stored as the embedding."""
+    """The checkpoint's tensor names selected by (modules, layers); `lm_head` finds a tied head stored once."""
     from ..roles import select_names, tied_aliases
 
     return select_names(ckpt.names, modules, layers, arch=ckpt.arch(), aliases=tied_aliases(ckpt.names, is_tied(ckpt)))
