@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	DS_BUILD_OPS=0 $(PIP) install -q -e ".[test]"
 	touch $@
 
+# DeepSpeed compiles its CPU communication op on first use into TORCH_EXTENSIONS_DIR; one per venv, so that two
+# checkouts on one machine never wait on each other's build lock in the shared ~/.cache.
+test: export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+test-fast: export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+
 test: install
 	$(VENV)/bin/python -m pytest -q
 
