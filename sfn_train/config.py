@@ -121,7 +121,7 @@ def _recipe_parser_class():
             actions = self.recipe_keys()
             unknown = [k for k in recipe if k not in actions and k != "env"]
             if unknown:
-                raise SfnError(f"{where} has unknown key(s) {', '.join(unknown)}{_did_you_mean(unknown, actions)}: fix "
+                raise SfnError(f"{where} has unknown key(s) {', '.join(map(_shown, unknown))}{_did_you_mean(unknown, actions)}: fix "
                                "the spelling or remove them (`sfn train --help` lists every key).")
             for key, value in recipe.items():
                 if key != "env":
@@ -141,7 +141,7 @@ def _recipe_parser_class():
             stray = [r for r in rest if r.startswith("-")]
             if stray:
                 hint = _did_you_mean([s.lstrip("-") for s in stray], actions, prefix="--")
-                raise SfnError(f"unknown flag(s) {', '.join(stray)}{hint}: fix the spelling (`sfn train --help` lists "
+                raise SfnError(f"unknown flag(s) {', '.join(map(_shown, stray))}{hint}: fix the spelling (`sfn train --help` lists "
                                "every key).")
             if rest:
                 raise SfnError(f"unexpected value(s) {' '.join(rest)} on the command line: every value follows its "
@@ -185,6 +185,11 @@ def _construct(dtype, inputs: dict):
         # TrainingArguments warns that SFTConfig's own `gradient_checkpointing` default is a deprecated alias.
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
         return dtype(**inputs)
+
+
+def _shown(key) -> str:
+    """A key as a message shows it: quoted when it is empty, padded or spans lines (a YAML key can be any text)."""
+    return key if key and key.isprintable() and key.strip() == key else repr(key)
 
 
 def _did_you_mean(unknown: list[str], known, prefix: str = "") -> str:
