@@ -490,12 +490,18 @@ def _rounds(rows: list[Row], forcing: Forcing, submit, bar=None) -> None:
             bar.update(len(live) - len(todo))
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def _timed_rounds(rows: list[Row], forcing: Forcing, submit, progress: bool) -> float:
+    """`_rounds` with a progress bar when asked; the generation time in seconds."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="generating", unit="response")
+        bar = tqdm(total=len(rows), desc="generating", unit="response")
+    start = time.perf_counter()
+    _rounds(rows, forcing, submit, bar)
+    if bar:
+        bar.close()
+    return time.perf_counter() - start
 
 
 def _forcing(tokenizer, settings: GenerationSettings, eos_ids: list[int], context_len: int | None) -> Forcing:
@@ -555,12 +561,7 @@ def generate_hf(model, tokenizer, rows: list[Row], settings: GenerationSettings,
                 out[i] = (result[k, width:].tolist(), None)
         return out
 
-    bar = _progress(len(rows), progress)
-    start = time.perf_counter()
-    _rounds(rows, forcing, submit, bar)
-    if bar:
-        bar.close()
-    return time.perf_counter() - start
+    return _timed_rounds(rows, forcing, submit, progress)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -658,12 +659,7 @@ class VllmEngine:
                 out.append((list(done.token_ids), stop))
             return out
 
-        bar = _progress(len(rows), progress)
-        start = time.perf_counter()
-        _rounds(rows, forcing, submit, bar)
-        if bar:
-            bar.close()
-        return time.perf_counter() - start
+        return _timed_rounds(rows, forcing, submit, progress)
 
     def close(self) -> None:
         """Shut the engine down, free its GPU memory and distributed state, remove the merged folder."""
