@@ -30,6 +30,9 @@ class Selection:
     trainable_params: int
     total_params: int
     quantize_frozen: dict | None = field(default=None)
+    # The trained tensors as the saved checkpoint names them (one per expert where transformers fuses experts in
+    # memory), known once the checkpoint is written.
+    trainable_tensors_on_disk: list[str] | None = field(default=None)
 
     @property
     def trainable_fraction(self) -> float:
@@ -37,8 +40,9 @@ class Selection:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        if data["quantize_frozen"] is None:
-            del data["quantize_frozen"]
+        for key in ("quantize_frozen", "trainable_tensors_on_disk"):
+            if data[key] is None:
+                del data[key]
         return {**data, "trainable_fraction": self.trainable_fraction}
 
 
@@ -53,28 +57,34 @@ def base_fingerprint(model_args) -> str | None:
 
 
 def write_plugin_from_checkpoint(output_dir: Path, selection: Selection, fingerprint: str | None,
-                                 tensors: dict | None = None) -> Path:
+                                 tensors: dict | None = None, model=None) -> Path:
     """Write `sfn_plugin.safetensors` after the checkpoint was saved.
 
     `tensors`: the trained tensors in full precision (the fp32 master weights, see sfn_train/precision.py), checked
     against the saved checkpoint's names and shapes; without them, the tensors are copied out of the saved (gathered)
-    checkpoint as they are.
+    checkpoint as they are. The selection names in-memory parameters; the checkpoint may store one as several
+    tensors (a fused expert tensor as one per expert): `model` (the trained model) translates, see `sfn_train.names`.
     """
     from .checkpoint import Checkpoint
+    from .names import NameMap, disk_tensors
 
     saved = Checkpoint(output_dir)
-    missing = [n for n in selection.trainable_tensors if n not in saved.tensors]
+    names = NameMap.from_model(model, saved.names) if model is not None else NameMap.for_checkpoint(saved)
+    missing = [n for n in selection.trainable_tensors if not names.disk_names_of(n)]
     if missing:
         raise SfnError(f"the saved checkpoint in {output_dir} lacks trained tensors {missing[:3]}: it is incomplete.")
+    selection.trainable_tensors_on_disk = names.to_disk(selection.trainable_tensors)
     if tensors is None:
-        tensors = {name: saved.tensor(name) for name in selection.trainable_tensors}
+        tensors = {name: saved.tensor(name) for name in selection.trainable_tensors_on_disk}
     else:
-        wrong = [n for n in selection.trainable_tensors
+        if model is not None:  # in the checkpoint's names and layout, by transformers' saving rule
+            tensors = disk_tensors(model, {n: tensors[n] for n in selection.trainable_tensors if n in tensors})
+        wrong = [n for n in selection.trainable_tensors_on_disk
                  if n not in tensors or list(tensors[n].shape) != list(saved.tensors[n].shape)]
         if wrong:
             raise SfnError(f"internal error: the full-precision tensor {wrong[0]} does not match the saved checkpoint; "
                            "report this.")
-        tensors = {name: tensors[name] for name in selection.trainable_tensors}
+        tensors = {name: tensors[name].contiguous() for name in selection.trainable_tensors_on_disk}
     empty = [n for n, t in tensors.items() if t.numel() == 0]
     if empty:
         raise SfnError(f"the saved checkpoint holds empty tensors ({empty[0]}): under ZeRO-3 set "
@@ -103,6 +113,7 @@ def save_full_precision(model, selection, output_dir: Path, base, fingerprint: s
     base's tokenizer files.
     """
     from .manifest import MANIFEST_FILE
+    from .names import disk_tensors
     from .plugin import plugin_apply
 
     output_dir = Path(output_dir)
@@ -112,6 +123,10 @@ def save_full_precision(model, selection, output_dir: Path, base, fingerprint: s
     missing = sorted(wanted - set(tensors))
     if missing:
         raise SfnError(f"internal error: trained tensors {missing[:3]} are not in the model; report this.")
+    # In the base checkpoint's names and layout (a fused expert tensor as one tensor per expert), as save_pretrained
+    # would write them: the plugin applies onto the base's own files.
+    tensors = {n: t.contiguous() for n, t in disk_tensors(model, tensors).items()}
+    selection.trainable_tensors_on_disk = list(tensors)
     plugin = write_run_plugin(output_dir, tensors, selection, fingerprint)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-full-", dir=output_dir))
     try:

@@ -27,6 +27,12 @@ called by `sfn_train.outputs.save_full_precision`):
 every frozen tensor is bitwise the base's, and config.json is the base's (no `quantization_config`), so the output
 loads with plain `from_pretrained`, without bitsandbytes.
 
+Mixture-of-experts models. transformers 5 holds routed experts as fused 3-D parameters of an experts module
+(`mlp.experts.gate_up_proj` [E, H, 2I]), and routers as their own small modules: neither is an `nn.Linear`, and
+bitsandbytes quantizes linear layers only. They stay in full precision, frozen; `quantize_frozen` says so in one log
+line (count, size, names) and in the manifest (`full_precision_frozen`). Attention projections, shared experts and
+dense MLP layers are linear layers and are quantized as usual.
+
 Where bitsandbytes cannot run (not installed, or no backend for the device), `check_quantize_setup` says so in one
 line at start-up, before any model is loaded: it quantizes a 64x64 layer and runs a forward and backward pass on the
 training device.
@@ -114,6 +120,22 @@ def quantization_plan(model, trainable) -> tuple[list[str], list[str]]:
     return quantize, keep
 
 
+def frozen_outside_linears(model, trainable) -> list[str]:
+    """Frozen weight matrices (2-D or more) that are neither a linear layer's nor an embedding's: fused expert tensors
+    and routers of MoE models. bitsandbytes has no layer for them, so they stay in full precision."""
+    import torch
+
+    trainable = set(trainable)
+    covered = set()
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear or isinstance(module, torch.nn.Embedding):  # as quantization_plan sees them
+            covered.update(f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        covered.update(n for n, p in model.named_parameters() if any(p is q for q in head.parameters()))
+    return [n for n, p in model.named_parameters() if n not in trainable and n not in covered and p.dim() >= 2]
+
+
 def quantized_linear(linear, mode: str, device):
     """A bitsandbytes layer holding `linear`'s weight quantized on `device` (and its bias as it is, frozen)."""
     import bitsandbytes as bnb
@@ -143,7 +165,16 @@ def quantize_frozen(model, trainable, mode: str, device) -> dict:
     Module by module, so the accelerator never holds a frozen layer in full precision. Returns a summary for the
     manifest.
     """
+    from .roles import fold_layers
+
     quantize, keep = quantization_plan(model, trainable)
+    full_precision = frozen_outside_linears(model, trainable)
+    params = dict(model.named_parameters())
+    full_precision_bytes = sum(params[n].numel() * params[n].element_size() for n in full_precision)
+    if full_precision:
+        logger.info("quantize_frozen %s: %d frozen tensors outside nn.Linear layers stay in full precision (%.1f MB; "
+                    "bitsandbytes quantizes linear layers only): %s", mode, len(full_precision),
+                    full_precision_bytes / 2**20, ", ".join(fold_layers(full_precision)))
     before = _param_bytes(model)
     for name in quantize:
         parent_name, _, child = name.rpartition(".")
@@ -155,6 +186,8 @@ def quantize_frozen(model, trainable, mode: str, device) -> dict:
     logger.info("quantize_frozen %s: %d frozen linear layers quantized (%d kept in full precision); weights %.1f MB "
                 "-> %.1f MB", mode, len(quantize), len(keep), before / 2**20, after / 2**20)
     return {"mode": mode, "quantized_linears": len(quantize), "full_precision_linears": keep,
+            "full_precision_frozen": {"tensors": len(full_precision), "bytes": full_precision_bytes,
+                                      "names": fold_layers(full_precision)},
             "weight_bytes_before": before, "weight_bytes_after": after}
 
 

@@ -49,12 +49,46 @@ def build_tokenizer():
     return tokenizer
 
 
+# Mixture-of-experts families: 4 experts, 2 per token, expert width 16. DeepSeek-V3 has multi-head latent attention
+# (q and kv latents of rank 16), one shared expert, and its first layer dense (`first_k_dense_replace`); Llama 4's
+# first layer is dense too (`moe_layers`).
+MOE_ARCHS = ("qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral", "llama4_text")
+
+
+def _moe_kwargs(arch: str, hidden: int, layers: int) -> dict:
+    kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+              num_experts_per_tok=2)
+    if arch != "gpt_oss":  # GPT-OSS's YaRN rope is defined against its own (long) context length
+        kw["max_position_embeddings"] = 512
+    if arch == "qwen3_moe":
+        kw.update(head_dim=hidden // 4, intermediate_size=hidden * 2, moe_intermediate_size=16, num_experts=4)
+    elif arch == "gpt_oss":
+        kw.update(head_dim=hidden // 4, intermediate_size=16, num_local_experts=4,
+                  layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2))
+    elif arch == "deepseek_v3":
+        kw.update(num_key_value_heads=4, intermediate_size=hidden * 2, moe_intermediate_size=16, n_routed_experts=4,
+                  n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=16,
+                  kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    elif arch == "mixtral":
+        kw.update(intermediate_size=16, num_local_experts=4)
+    elif arch == "llama4_text":
+        kw.update(head_dim=hidden // 4, intermediate_size=16, intermediate_size_mlp=hidden * 2, num_local_experts=4,
+                  num_experts_per_tok=1, moe_layers=list(range(1, layers)))
+    return kw
+
+
 def tiny_config(arch: str = "qwen2", vocab_size: int = 320, hidden: int = 64, layers: int = 4, **overrides):
-    """A small config of the named family (qwen2, llama, qwen3, gpt_neox, gpt2, phi, falcon, mistral)."""
+    """A small config of the named family.
+
+    Dense: qwen2, llama, qwen3, gpt_neox, gpt2, phi, falcon, mistral. Mixture of experts (`MOE_ARCHS`): qwen3_moe,
+    gpt_oss, deepseek_v3 (with MLA), mixtral, llama4_text.
+    """
     from transformers import AutoConfig
 
     common = dict(vocab_size=vocab_size, **overrides)
-    if arch == "gpt2":
+    if arch in MOE_ARCHS:
+        kw = _moe_kwargs(arch, hidden, layers)
+    elif arch == "gpt2":
         kw = dict(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512)
     elif arch == "gpt_neox":
         kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=hidden * 2,
@@ -80,7 +114,9 @@ def tiny_model(arch: str = "qwen2", seed: int = 0, **config_overrides):
 
     torch.manual_seed(seed)
     config = tiny_config(arch, **config_overrides)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager" if arch in ("gpt2", "falcon") else None)
+    # GPT-OSS's attention sinks need the eager kernel (transformers refuses sdpa for it).
+    eager = arch in ("gpt2", "falcon", "gpt_oss")
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager" if eager else None)
 
 
 def save_tiny_checkpoint(out: str | Path, arch: str = "qwen2", seed: int = 0, dtype=None, max_shard_size=None,

@@ -238,7 +238,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
                 save_full_precision(model, selection, output_dir, model_args.model_name_or_path, fingerprint,
                                     tokenizer, tensors=plugin_tensors)
             else:
-                write_plugin_from_checkpoint(output_dir, selection, fingerprint, tensors=plugin_tensors)
+                write_plugin_from_checkpoint(output_dir, selection, fingerprint, tensors=plugin_tensors, model=model)
             write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "complete",
                                                                   metrics, precision=precision.record))
             logger.info("saved checkpoint, plugin and manifest to %s", output_dir)

@@ -132,3 +132,163 @@ def test_select_command_lists_the_tensors_without_loading_weights(qwen2_base, ca
     assert lines[:2] == ["model.layers.1.self_attn.o_proj.weight\t[64, 64]", "model.layers.2.self_attn.o_proj.weight\t[64, 64]"]
     assert lines[2].startswith("trainable: 8,192 of ") and lines[2].endswith("in 2 tensors")
     assert main(["select", str(qwen2_base), "--modules", "o_prj"]) == 2
+
+
+# ------------------------------------------------------------------------------------ mixture of experts and MLA
+# In-memory names (what the trainer selects) of the tiny MoE configs; the gadgets' on-disk names: tests/test_moe.py.
+MOE_LAYER_PARTS = {  # arch -> role -> module paths of the last (MoE) layer, relative to its `layers.N.`
+    "qwen3_moe": {"experts": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "router": ["mlp.gate.weight"],
+                  "shared_experts": []},
+    "gpt_oss": {"experts": ["mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj",
+                            "mlp.experts.down_proj_bias"],
+                "router": ["mlp.router.weight", "mlp.router.bias"], "shared_experts": []},
+    "deepseek_v3": {"experts": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "router": ["mlp.gate.weight"],
+                    "shared_experts": ["mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
+                                       "mlp.shared_experts.down_proj.weight"]},
+    "mixtral": {"experts": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "router": ["mlp.gate.weight"],
+                "shared_experts": []},
+    "llama4_text": {"experts": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"],
+                    "router": ["feed_forward.router.weight"],
+                    "shared_experts": ["feed_forward.shared_expert.gate_proj.weight",
+                                       "feed_forward.shared_expert.up_proj.weight",
+                                       "feed_forward.shared_expert.down_proj.weight"]},
+}
+
+
+def meta_model(arch, **overrides):
+    import torch
+
+    from sfn_train.tiny import tiny_config
+
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(tiny_config(arch, hidden=32, layers=2, **overrides))
+
+
+@pytest.fixture(scope="module")
+def moe_models():
+    return {arch: meta_model(arch) for arch in MOE_LAYER_PARTS}
+
+
+@pytest.mark.parametrize("arch", sorted(MOE_LAYER_PARTS))
+def test_moe_roles_select_experts_shared_experts_and_router(moe_models, arch):
+    model = moe_models[arch]
+    parts = MOE_LAYER_PARTS[arch]
+    last = "model.layers.1."
+    for role in ("experts", "router", "shared_experts"):
+        expected = [last + p for p in parts[role]]
+        if not expected:  # a family without shared experts: the role names nothing, and says so
+            with pytest.raises(SfnError, match=f"'{role}' matches no parameter"):
+                select_parameters(model, role, "1")
+            continue
+        assert select_parameters(model, role, "1") == [n for n, _ in model.named_parameters() if n in expected]
+    # `mlp` is the whole feed-forward block of every layer: dense MLP, experts, shared experts and router
+    ffn = "feed_forward" if arch == "llama4_text" else "mlp"
+    assert select_parameters(model, "mlp") == [n for n, _ in model.named_parameters() if f".{ffn}." in n]
+    # the fused expert tensors hold every expert's gate and up halves: gate_up_proj, not gate_proj, selects them
+    assert last + parts["experts"][0] in select_parameters(model, "gate_up_proj", "1")
+    assert all(".experts." not in n for n in select_names_or_empty(model, "gate_proj"))
+    assert last + parts["experts"][-1 if arch != "gpt_oss" else 2] in select_parameters(model, "down_proj", "1")
+
+
+def select_names_or_empty(model, role):
+    try:
+        return select_parameters(model, role)
+    except SfnError:
+        return []
+
+
+def test_mla_attention_roles(moe_models):
+    model = moe_models["deepseek_v3"]
+    attn = "model.layers.0.self_attn."
+    assert select_parameters(model, "q_proj", "0") == [attn + "q_a_proj.weight", attn + "q_b_proj.weight"]
+    assert select_parameters(model, "kv_proj", "0") == [attn + "kv_a_proj_with_mqa.weight", attn + "kv_b_proj.weight"]
+    assert select_parameters(model, "qkv", "0") == [attn + p + ".weight" for p in
+                                                    ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")]
+    assert select_parameters(model, "o_proj", "0") == [attn + "o_proj.weight"]
+    # the latent norms are norms
+    assert {attn + "q_a_layernorm.weight", attn + "kv_a_layernorm.weight"} <= set(select_parameters(model, "norm"))
+    # keys and values share their projections: k_proj alone means nothing here, and the error says what does
+    with pytest.raises(SfnError, match="kv_proj"):
+        select_parameters(model, "k_proj")
+
+
+# ---------------------------------------------------------------------------------------- Falcon, layer stacks, specs
+def test_norm_role_covers_falcon_new_decoder_per_layer_norms():
+    # Falcon-40B/180B's layout: parallel attention and MLP, each with its own input norm
+    model = meta_model_dense("falcon", new_decoder_architecture=True, parallel_attn=True, num_ln_in_parallel_attn=2,
+                             num_kv_heads=2)
+    names = select_parameters(model, "norm")
+    assert names == [n for n, _ in model.named_parameters() if ".ln_" in n]
+    assert "transformer.h.0.ln_attn.weight" in names and "transformer.h.1.ln_mlp.bias" in names
+    assert "transformer.ln_f.weight" in names
+
+
+def meta_model_dense(arch, **overrides):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sfn_train.tiny import tiny_config
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(tiny_config(arch, hidden=32, layers=2, **overrides))
+
+
+@pytest.fixture(scope="module")
+def vision_language_model():
+    """A tiny Llava: a 2-layer CLIP vision tower (attention `out_proj`) beside a 3-layer Llama (`o_proj`)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=16, projection_dim=32)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64)
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=63))
+
+
+def test_layer_range_selects_in_the_language_model_stack_only(vision_language_model):
+    model = vision_language_model
+    assert select_parameters(model, "o_proj", "0-1") == [
+        "model.language_model.layers.0.self_attn.o_proj.weight", "model.language_model.layers.1.self_attn.o_proj.weight"]
+    # the layer count is the language model's (3), not the vision tower's (2) nor a mix
+    assert [layer_index(n) for n in select_parameters(model, "o_proj", "2")] == [2]
+    with pytest.raises(SfnError, match=r"3 layers in model\.language_model\.layers"):
+        select_parameters(model, "o_proj", "3")
+    # without a layer range a role is a role everywhere: the vision tower's attention output projections too
+    assert any("vision_tower" in n for n in select_parameters(model, "o_proj"))
+
+
+def test_two_unnamed_layer_stacks_are_refused_with_both_named():
+    names = [f"{stack}.layers.{i}.self_attn.o_proj.weight" for stack in ("tower_a", "tower_b") for i in range(2)]
+    with pytest.raises(SfnError, match=r"tower_a\.layers \(2 layers\), tower_b\.layers \(2 layers\)"):
+        select_names(names, "o_proj", "0")
+    assert len(select_names(names, "o_proj", "all")) == 4  # no layer range: nothing to disambiguate
+
+
+def test_empty_trainable_layers_is_an_error_not_all(tmp_path, qwen2_base, sum_data):
+    from conftest import train_recipe
+
+    from sfn_train.cli import main
+
+    with pytest.raises(SfnError, match="trainable_layers is empty"):
+        parse_layers([])
+    with pytest.raises(SfnError, match="trainable_layers is empty"):
+        select_names(["model.layers.0.self_attn.o_proj.weight"], "o_proj", [])
+    recipe = train_recipe(tmp_path, qwen2_base, sum_data, trainable_layers=[])
+    assert main(["train", "--config", str(recipe)]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_regex_with_a_repetition_range_is_one_entry(models, qwen2_base, capsys):
+    from sfn_train.cli import main
+    from sfn_train.roles import normalize_modules
+
+    regex = r"layers\.[0-9]{1,2}\.self_attn\.o_proj\.weight"
+    assert normalize_modules(f"q_proj,{regex}") == ["q_proj", regex]
+    assert normalize_modules([regex, "k_proj"]) == [regex, "k_proj"]
+    assert select_parameters(models["qwen2"], regex) == [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(4)]
+    assert main(["select", str(qwen2_base), "--modules", regex]) == 0
+    assert capsys.readouterr().out.count("o_proj.weight\t") == 4

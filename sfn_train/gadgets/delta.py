@@ -23,6 +23,11 @@ Gaussian weights give BC ~0.2, a Gaussian r ~0.49, a Laplace r ~0.43. (A uniform
 log|U| is exponential, whose BC is exactly 5/9.) Why not t: the sign splits every distribution symmetric around
 zero into two lobes, so BC(t) was ~0.95 for a plain Gaussian and told nothing.
 
+Roles are matched on each tensor's in-memory name (`sfn_train.names`: a per-expert tensor on disk is part of the
+fused `experts` tensor in memory). Routed experts are also reported one by one (`experts` in delta.json,
+`delta_experts.csv`): each expert's change pooled over its tensors, whether the checkpoint stores one tensor per
+expert (Qwen3-MoE, DeepSeek-V3, Mixtral) or all experts fused along dim 0 (GPT-OSS, Llama 4).
+
 Histograms and moments use at most `sample` elements per tensor (uniform, seeded, with replacement) weighted by
 numel/sample, so each tensor counts for its size; tensors up to `sample` elements use every element. Norms never
 sample. Only one piece of one tensor of each model is in memory at a time, per worker: two tensors are processed
@@ -45,6 +50,7 @@ import torch
 from ..checkpoint import Checkpoint, atomic_output_dir, check_output_dir
 from ..errors import SfnError
 from ..manifest import write_manifest
+from ..names import NameMap
 from ..roles import ROLE_PATTERNS, layer_index
 from ..shards import CHUNK, FLOAT_DTYPES, iter_chunks, numel, one_thread, torch_threads
 from ._io import seed_for
@@ -136,19 +142,34 @@ class RoleStats:
     layers: dict = field(default_factory=dict)  # layer (or None) -> [sum dd, sum aa]
 
 
-def tensor_delta(a_info, b_info, sample: int = SAMPLE, seed: int = 0) -> tuple[dict, torch.Tensor, Moments]:
-    """(row of exact numbers, histogram of t, moments of q = log10|r|) for one tensor pair."""
+def tensor_delta(a_info, b_info, sample: int = SAMPLE, seed: int = 0, role: str | None = None,
+                 slices: int = 1) -> tuple[dict, torch.Tensor, Moments]:
+    """(row of exact numbers, histogram of t, moments of q = log10|r|) for one tensor pair.
+
+    `slices` > 1 also sums ||B - A||^2 and ||A||^2 over each of that many equal slices along dim 0 (the experts of a
+    fused expert tensor), as `row["slice_sums"]`.
+    """
     n = numel(a_info)
     k = min(n, sample)
     gen = torch.Generator().manual_seed(seed_for(a_info.name, seed))
     dd = aa = 0.0
     picks_a, picks_d = [], []
     pos = 0
+    slice_len = n // slices if slices > 1 else 0
+    slice_sums = [[0.0, 0.0] for _ in range(slices)] if slice_len else None
     d_buf = torch.empty(min(n, CHUNK))  # reused like iter_chunks' buffers: no page faults per piece
     for a, b in zip(iter_chunks(a_info), iter_chunks(b_info)):
         d = torch.sub(b, a, out=d_buf[: a.numel()])
         dd += float(torch.dot(d, d))
         aa += float(torch.dot(a, a))
+        if slice_sums is not None:
+            start = 0
+            while start < a.numel():  # the piece split where one expert's elements end and the next one's begin
+                index = (pos + start) // slice_len
+                stop = min(a.numel(), (index + 1) * slice_len - pos)
+                slice_sums[index][0] += float(torch.dot(d[start:stop], d[start:stop]))
+                slice_sums[index][1] += float(torch.dot(a[start:stop], a[start:stop]))
+                start = stop
         if k == n:
             picks_a.append(a.clone())
             picks_d.append(d.clone())
@@ -166,7 +187,7 @@ def tensor_delta(a_info, b_info, sample: int = SAMPLE, seed: int = 0) -> tuple[d
     l2_diff, l2_base = math.sqrt(dd), math.sqrt(aa)
     row = {
         "name": a_info.name,
-        "role": role_of(a_info.name),
+        "role": role or role_of(a_info.name),
         "layer": layer_index(a_info.name),
         "dtype": a_info.dtype if a_info.dtype == b_info.dtype else f"{a_info.dtype}/{b_info.dtype}",
         "shape": list(a_info.shape),
@@ -176,6 +197,8 @@ def tensor_delta(a_info, b_info, sample: int = SAMPLE, seed: int = 0) -> tuple[d
         "rel_change": l2_diff / l2_base if l2_base > 0 else (0.0 if l2_diff == 0 else math.inf),
         "eps": eps,
     }
+    if slice_sums is not None:
+        row["slice_sums"] = slice_sums
     weight = n / t.numel() if t.numel() else 0.0
     hist = torch.histc(t.double().clamp(EDGES[0], EDGES[-1]), N_BINS, EDGES[0], EDGES[-1]) * weight
     return row, hist, Moments.of(q, weight)
@@ -220,15 +243,22 @@ def delta(
     # Read in A's file order: each shard of A is then read front to back.
     pairs.sort(key=lambda n: (str(ck_a.tensors[n].file), ck_a.tensors[n].start))
 
+    # Roles are read from the in-memory names (the trainer's), so a per-expert tensor on disk counts as `experts`.
+    names = NameMap.for_checkpoint(ck_a)
+    role = {n: role_of(names.memory_name(n)) for n in pairs}
+    slices = {n: _fused_experts(n, ck_a.tensors[n].shape) if role[n] == "experts" else 1 for n in pairs}
+
     rows, roles = [], {}
+    experts: dict[tuple, list[float]] = {}  # (layer, expert) -> [sum dd, sum aa, numel]
     total = sum(ck_a.tensors[n].nbytes + ck_b.tensors[n].nbytes for n in pairs)
     def one(name):
         with torch_threads(1):
-            return tensor_delta(ck_a.tensors[name], ck_b.tensors[name], sample, seed)
+            return tensor_delta(ck_a.tensors[name], ck_b.tensors[name], sample, seed, role[name], slices[name])
 
     with tqdm(total=total, unit="B", unit_scale=True, desc="delta", disable=None) as bar, \
             ThreadPoolExecutor(workers) as pool:
         for name, (row, hist, moments) in zip(pairs, pool.map(one, pairs)):
+            _add_experts(experts, name, row)
             rows.append(row)
             stats = roles.setdefault(row["role"], RoleStats())
             stats.hist += hist
@@ -282,6 +312,11 @@ def delta(
         },
         "ranking": ranking,
         "roles": summary,
+        # Each routed expert on its own, pooled over its tensors (gate, up, down, biases): sqrt(sum ||B-A||^2 /
+        # sum ||A||^2). The role `experts` above pools all of them.
+        "experts": [{"layer": layer, "expert": e, "numel": int(k), "l2_base": math.sqrt(aa), "l2_diff": math.sqrt(dd),
+                     "rel_change": math.sqrt(dd / aa) if aa > 0 else None}
+                    for (layer, e), (dd, aa, k) in sorted(experts.items(), key=lambda kv: (-1 if kv[0][0] is None else kv[0][0], kv[0][1]))],
         "tensors": [{k: _finite(v) if not isinstance(v, list) else v for k, v in r.items()} for r in rows],
         "only_in_a": [n for n in ck_a.names if n not in ck_b.tensors],
         "only_in_b": [n for n in ck_b.names if n not in ck_a.tensors],
@@ -292,11 +327,50 @@ def delta(
         write_manifest(tmp, "delta", a={"path": str(ck_a.path)}, b={"path": str(ck_b.path)}, sample=sample, seed=seed)
         (tmp / "delta.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
         _write_csv(tmp / "delta.csv", rows)
+        if result["experts"]:
+            _write_experts_csv(tmp / "delta_experts.csv", result["experts"])
         if plots:
             _plot(tmp, summary, ranking)
     if not quiet:
         print(format_table(summary, ranking))
     return result
+
+
+_EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _fused_experts(name: str, shape) -> int:
+    """How many experts a tensor holds along dim 0: 1 when stored one per expert (`experts.3.w1.weight`)."""
+    return 1 if _EXPERT_INDEX.search(name) or len(shape) < 2 else int(shape[0])
+
+
+def _add_experts(experts: dict, name: str, row: dict) -> None:
+    """Add the tensor's sums to its expert's (or, fused, each slice's to its expert's)."""
+    if row["role"] != "experts":
+        return
+    sums = row.pop("slice_sums", None)
+    if sums is None:
+        match = _EXPERT_INDEX.search(name)
+        if match is None:  # a 1-D tensor of one expert block: not attributable to one expert
+            return
+        sums = {int(match.group(1)): [row["l2_diff"] ** 2, row["l2_base"] ** 2]}
+        per = row["numel"]
+    else:
+        sums = dict(enumerate(sums))
+        per = row["numel"] // len(sums)
+    for e, (dd, aa) in sums.items():
+        acc = experts.setdefault((row["layer"], e), [0.0, 0.0, 0])
+        acc[0] += dd
+        acc[1] += aa
+        acc[2] += per
+
+
+def _write_experts_csv(path: Path, experts: list[dict]) -> None:
+    fields = ["layer", "expert", "numel", "l2_base", "l2_diff", "rel_change"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(experts)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

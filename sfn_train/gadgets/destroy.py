@@ -6,7 +6,11 @@ Modes, applied to each selected tensor w (others are copied byte for byte):
 - `reinit`: w ~ N(0, std^2); `std="config"` uses the config's `initializer_range` (what a fresh model would get).
   Every tensor, 1-D norms included, gets the same Gaussian: the point is to erase what was learned.
 - `remove`: drop whole decoder layers (`layers` only, `modules` is ignored), renumber the rest contiguously and
-  shorten the config (`num_hidden_layers` and every per-layer list such as `layer_types`).
+  shorten the config (`num_hidden_layers` and every per-layer list such as `layer_types`). Mixture-of-experts configs
+  that say which layers are dense keep saying it of the same layers (`first_k_dense_replace`, `mlp_only_layers`,
+  `decoder_sparse_step`, `moe_layers`), and the new config is checked against the tensors written: a model built
+  from it expects exactly the kept layers' tensors. In a model with a vision tower, only the language model's
+  layers are numbered and removed.
 - `noise`: w + N(0, (scale * std(w))^2): noise relative to each tensor's own spread, so one `scale` means the same
   damage for a norm vector and for a projection matrix.
 - `scale`: w * factor.
@@ -27,9 +31,10 @@ import torch
 
 from ..checkpoint import Checkpoint, atomic_output_dir, cached_fingerprint, check_output_dir, copy_side_files
 from ..errors import SfnError
-from ..roles import layer_index, normalize_modules, num_layers, parse_layers, with_layer_index
-from ..shards import CHUNK, Entry, iter_chunks, layout_like, numel, one_thread, write_checkpoint
 from ..manifest import write_manifest
+from ..names import NameMap, meta_model
+from ..roles import decoder_stack, layer_index, layer_stack, normalize_modules, num_layers, parse_layers, with_layer_index
+from ..shards import CHUNK, Entry, iter_chunks, layout_like, numel, one_thread, write_checkpoint
 from ._io import require_float, seed_for, select
 
 MODES = ("zero", "reinit", "remove", "noise", "scale")
@@ -92,8 +97,7 @@ def _resolve_std(std, ckpt: Checkpoint) -> float:
     return value
 
 
-def _removal_plan(ckpt: Checkpoint, layers) -> tuple[list[int], list[int]]:
-    n = num_layers(ckpt.names)
+def _removal_plan(ckpt: Checkpoint, layers, n: int) -> tuple[list[int], list[int]]:
     drop = parse_layers(layers)
     if drop is None:
         raise SfnError("mode remove needs --layers naming the layers to drop (e.g. 5-30), not `all`.")
@@ -106,29 +110,74 @@ def _removal_plan(ckpt: Checkpoint, layers) -> tuple[list[int], list[int]]:
     return drop, kept
 
 
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# Lists of layer *indices* (not one value per layer): renumbered, never filtered by position.
+_LAYER_INDEX_LISTS = ("mlp_only_layers", "moe_layers")
+
+
 def shortened_config(config: dict, old_n: int, kept: list[int]) -> dict:
     """The config of the model with only `kept` layers.
 
-    The layer count is whichever of num_hidden_layers / n_layer / num_layers equals the old count; a top-level list
-    of exactly old_n scalars (`layer_types`, per-layer window sizes, ...) is taken as per-layer and filtered.
+    The layer count is whichever of num_hidden_layers / n_layer / num_layers equals the old count (at the top level,
+    or in `text_config` for a model with a vision tower); a list there of exactly old_n scalars (`layer_types`,
+    per-layer window sizes, ...) is taken as per-layer and filtered. Which layers are dense in an MoE model stays
+    true of the same layers: `first_k_dense_replace` (the first k are dense) counts the kept ones below k,
+    `mlp_only_layers` and `moe_layers` (indices) are renumbered, and a `decoder_sparse_step` rhythm, which
+    renumbering breaks, becomes the explicit list of dense layers.
     """
     config = dict(config)
+    target = config
+    if not any(config.get(k) == old_n for k in _LAYER_COUNT_KEYS) and isinstance(config.get("text_config"), dict):
+        target = config["text_config"] = dict(config["text_config"])
     found = False
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if config.get(key) == old_n:
-            config[key] = len(kept)
+    for key in _LAYER_COUNT_KEYS:
+        if target.get(key) == old_n:
+            target[key] = len(kept)
             found = True
     if not found:
         raise SfnError("config.json has no num_hidden_layers (or n_layer) matching the stored layers; cannot remove layers.")
-    for key, value in config.items():
+    for key, value in target.items():
         if (
-            key != "architectures"
+            key not in ("architectures", *_LAYER_INDEX_LISTS)
             and isinstance(value, list)
             and len(value) == old_n
             and all(not isinstance(v, (list, dict)) for v in value)
         ):
-            config[key] = [value[i] for i in kept]
+            target[key] = [value[i] for i in kept]
+    renumber = {old: new for new, old in enumerate(kept)}
+    step = target.get("decoder_sparse_step")
+    if isinstance(step, int) and step > 1:
+        dense = set(target.get("mlp_only_layers") or []) | {i for i in range(old_n) if (i + 1) % step != 0}
+        target["decoder_sparse_step"] = 1
+        target["mlp_only_layers"] = sorted(dense)
+    for key in _LAYER_INDEX_LISTS:
+        if isinstance(target.get(key), list):
+            target[key] = [renumber[i] for i in target[key] if i in renumber]
+    if isinstance(target.get("first_k_dense_replace"), int):
+        target["first_k_dense_replace"] = sum(1 for i in kept if i < target["first_k_dense_replace"])
     return config
+
+
+def check_layers_match_config(folder, written: list[str], stack_of) -> None:
+    """Refuse a shortened config.json that describes other layer tensors than the ones written next to it.
+
+    A model is built (weightless) from `folder/config.json` and the layer tensors it expects are compared with the
+    `written` ones (in memory names): a dense layer where experts are stored, or the reverse, would otherwise load with
+    randomly initialised weights. `stack_of(memory_name)` tells whether a name is in the decoder's layers.
+    """
+    try:
+        model = meta_model(folder)
+    except Exception:  # noqa: BLE001 - without transformers' model class there is nothing to check against
+        return
+    expected = {n for n, _ in model.named_parameters()}
+    expected |= {n for n in model.state_dict() if n not in dict(model.named_parameters(remove_duplicate=False))}
+    got = set(NameMap.from_model(model, written).memory_names)
+    expected = {n for n in expected if stack_of(n)}
+    got = {n for n in got if stack_of(n)}
+    if expected != got:
+        odd = sorted(expected - got)[:1] + sorted(got - expected)[:1]
+        raise SfnError(f"the shortened config.json describes other layers than the tensors kept ({', '.join(odd)} "
+                       "differ): this model's layer structure cannot be shortened this way; no output written.")
 
 
 @one_thread
@@ -161,19 +210,27 @@ def destroy(
     settings: dict = {"mode": mode, "seed": seed}
 
     if mode == "remove":
-        drop, kept = _removal_plan(ckpt, layers)
+        # Layers are those of the language model's stack, found on in-memory names (`sfn_train.names`).
+        names = NameMap.for_checkpoint(ckpt)
+        stack = decoder_stack(names.memory_names, names.decoder, ckpt.arch())
+        n_layers = num_layers(names.memory_names, stack)
+
+        def in_stack(memory_name: str) -> bool:
+            return layer_stack(memory_name) == stack
+
+        drop, kept = _removal_plan(ckpt, layers, n_layers)
         renumber = {old: new for new, old in enumerate(kept)}
         changed = []
         for name, info in ckpt.tensors.items():
-            index = layer_index(name)
-            if index is None:
+            if not in_stack(names.memory_name(name)):
                 continue
+            index = layer_index(name)
             if index in drop:
                 entries[name] = None
                 changed.append(name)
             elif renumber[index] != index:
                 entries[name] = Entry(with_layer_index(name, renumber[index]), info.dtype, info.shape, info)
-        config = shortened_config(ckpt.config(), num_layers(ckpt.names), kept)
+        config = shortened_config(ckpt.config(), n_layers, kept)
         settings.update(layers_removed=drop, layers_kept=kept)
     else:
         changed = select(ckpt, modules, layers)
@@ -199,6 +256,7 @@ def destroy(
         copy_side_files(ckpt.path, tmp)
         if config is not None:
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            check_layers_match_config(tmp, [e.name for e in entries.values() if e is not None], in_stack)
         write_checkpoint(layout_like(ckpt, entries), tmp, f"destroy ({mode})")
         manifest = write_manifest(
             tmp,

@@ -1,0 +1,286 @@
+"""Mixture-of-experts and MLA models: names in memory vs on disk, training, plugins and the gadgets.
+
+Tiny checkpoints (2 layers, hidden 32, 4 experts) of Qwen3-MoE, GPT-OSS, DeepSeek-V3 (MLA, shared experts, dense
+first layer), Mixtral and Llama 4. In memory transformers 5 fuses the routed experts of Qwen3-MoE, DeepSeek-V3 and
+Mixtral into 3-D parameters; their checkpoints hold one tensor per expert (Mixtral's also under other names). GPT-OSS
+and Llama 4 store the fused tensors as they are. Every test compares what was written on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+import torch
+
+from conftest import changed_tensors, load_tensors, train_recipe
+from sfn_train.checkpoint import Checkpoint
+from sfn_train.cli import main
+from sfn_train.names import NameMap, disk_tensors
+from sfn_train.roles import select_parameters
+
+TRAINED_ARCHS = ["qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral"]
+ALL_ARCHS = [*TRAINED_ARCHS, "llama4_text"]  # Llama 4 does not train under TRL 1.16 (see README), the rest works
+
+
+@pytest.fixture(scope="session")
+def moe_bases(tmp_path_factory):
+    """arch -> a tiny checkpoint folder, built on first use and shared by every test of the session."""
+    from sfn_train.tiny import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("moe")
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = save_tiny_checkpoint(root / arch, arch, seed=0, hidden=32, layers=2)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def moe_runs(tmp_path_factory, moe_bases, sum_data):
+    """(arch, modules) -> the output folder of a 4-step `sfn train`, trained on first use and then shared."""
+    root = tmp_path_factory.mktemp("moe_runs")
+    cache = {}
+
+    def get(arch, modules, **keys):
+        key = (arch, modules, *sorted(keys.items()))
+        if key not in cache:
+            folder = root / f"{arch}-{modules}-{len(cache)}"
+            folder.mkdir()
+            recipe = train_recipe(folder, moe_bases(arch), sum_data, trainable_modules=modules, **keys)
+            assert main(["train", "--config", str(recipe)]) == 0
+            cache[key] = folder / "out"
+        return cache[key]
+
+    return get
+
+
+def load_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def on_disk(arch, memory_selection, base):
+    """The on-disk tensors of an in-memory selection, by the translation under test."""
+    return set(NameMap.for_checkpoint(Checkpoint(base)).to_disk(memory_selection))
+
+
+# Independent of the translation: which stored names hold routed experts, by the layout each family saves.
+STORED_EXPERT = {
+    "qwen3_moe": r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$",
+    "deepseek_v3": r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$",
+    "mixtral": r"\.block_sparse_moe\.experts\.\d+\.w[123]\.weight$",
+    "gpt_oss": r"\.mlp\.experts\.(gate_up|down)_proj(_bias)?$",
+    "llama4_text": r"\.feed_forward\.experts\.(gate_up|down)_proj$",
+}
+
+
+# -------------------------------------------------------------------------------------------- names, both ways
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_names_translate_both_ways_as_transformers_loads_and_saves(moe_bases, arch):
+    base = moe_bases(arch)
+    ckpt = Checkpoint(base)
+    names = NameMap.for_checkpoint(ckpt)
+    model = load_model(base)
+    # disk -> memory: every stored tensor lands in a parameter or buffer from_pretrained fills, and all are filled
+    in_memory = set(model.state_dict()) - {"lm_head.weight"} if model.config.tie_word_embeddings else set(model.state_dict())
+    assert set(names.memory_names) == in_memory
+    fused = {n for n in names.memory_names if len(names.disk_names_of(n)) > 1}
+    assert bool(fused) == (arch in ("qwen3_moe", "deepseek_v3", "mixtral"))
+    stored = {n for n in ckpt.names if re.search(STORED_EXPERT[arch], n)}
+    assert {d for n in fused for d in names.disk_names_of(n)} == (stored if fused else set())
+    # memory -> disk: transformers' saving rule gives, per parameter, exactly those names and the stored bytes
+    for name, param in model.named_parameters():
+        converted = disk_tensors(model, {name: param.detach()})
+        assert sorted(converted) == sorted(names.disk_names_of(name))
+        for disk_name, tensor in converted.items():
+            assert torch.equal(tensor.contiguous(), ckpt.tensor(disk_name)), disk_name
+
+
+# ---------------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("modules", ["o_proj", "mlp", "experts", "all"])
+@pytest.mark.parametrize("arch", TRAINED_ARCHS)
+def test_training_changes_exactly_the_selection_and_the_plugin_rebuilds_it(moe_runs, moe_bases, arch, modules):
+    from safetensors.torch import load_file
+
+    base = moe_bases(arch)
+    out = moe_runs(arch, modules)
+    trained_in_memory = select_parameters(load_model(base), modules)
+    expected = on_disk(arch, trained_in_memory, base)
+    changed, unchanged = changed_tensors(base, out)
+    assert changed == expected  # every selected stored tensor moved, every other one is bitwise the base's
+    if modules == "experts":
+        assert expected == {n for n in load_tensors(base) if re.search(STORED_EXPERT[arch], n)}
+    plugin = load_file(out / "sfn_plugin.safetensors")
+    assert set(plugin) == changed  # exactly the trained tensors, in the checkpoint's names
+    rebuilt = {**load_tensors(base), **plugin}
+    tuned = load_tensors(out)
+    assert set(rebuilt) == set(tuned) and all(torch.equal(rebuilt[n], tuned[n]) for n in tuned)
+    manifest = json.loads((out / "sfn_manifest.json").read_text())["selection"]
+    assert manifest["trainable_tensors"] == trained_in_memory
+    assert set(manifest["trainable_tensors_on_disk"]) == changed
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss", "mixtral"])
+def test_router_aux_loss_is_added_and_a_frozen_router_does_not_move(moe_runs, moe_bases, arch):
+    """TRL adds router_aux_loss_coef * aux_loss (the config's coefficient) to the loss and logs it; training the
+    experts leaves the router bitwise frozen, training the router moves it."""
+    from transformers import AutoConfig
+
+    coef = AutoConfig.from_pretrained(moe_bases(arch)).router_aux_loss_coef
+    assert coef > 0
+    out = moe_runs(arch, "experts")
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert all(step["aux_loss"] > 0 for step in history if "loss" in step)
+    base = Checkpoint(moe_bases(arch))
+    router = {n for n in base.names if re.search(r"\.(gate|router)\.(weight|bias)$", n)}
+    assert router and not router & changed_tensors(moe_bases(arch), out)[0]
+    assert changed_tensors(moe_bases(arch), moe_runs(arch, "router"))[0] == router
+
+
+# ----------------------------------------------------------------------------------------------------- gadgets
+@pytest.mark.parametrize("modules", ["mlp", "experts", "router"])
+@pytest.mark.parametrize("arch", TRAINED_ARCHS)
+def test_merge_takes_the_same_tensors_the_trainer_selects(moe_runs, moe_bases, tmp_path, arch, modules):
+    """Merged checkpoint, loaded: the parameters `select_parameters` picks on the live model are the donor's, every
+    other one the base's -- the gadget's selection (on disk) and the trainer's (in memory) are the same."""
+    from sfn_train.gadgets import merge
+
+    base, donor = moe_bases(arch), moe_runs(arch, "all")
+    manifest = merge(base, donor, tmp_path / "m", modules=modules)
+    merged, a, b = load_model(tmp_path / "m"), load_model(base), load_model(donor)
+    chosen = set(select_parameters(merged, modules))
+    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
+    for name, param in merged.named_parameters():
+        assert torch.equal(param, (params_b if name in chosen else params_a)[name]), name
+    assert set(manifest["donor_tensors"]) == on_disk(arch, sorted(chosen), base) | (
+        {n for n in Checkpoint(base).names if n.endswith("e_score_correction_bias")} if modules != "experts" else set())
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_delta_reports_each_expert_and_the_pooled_experts_role(moe_runs, moe_bases, tmp_path, arch):
+    """Per expert: sqrt(sum ||B-A||^2 / sum ||A||^2) over that expert's gate, up and down (and biases), whether the
+    checkpoint stores one tensor per expert (Qwen3-MoE) or all experts fused along dim 0 (GPT-OSS)."""
+    from sfn_train.gadgets import delta
+
+    base, tuned = moe_bases(arch), moe_runs(arch, "experts")
+    result = delta(base, tuned, tmp_path / "d", plots=False, quiet=True)
+    a, b = load_model(base), load_model(tuned)
+    pa, pb = {n: p.detach() for n, p in a.named_parameters()}, {n: p.detach() for n, p in b.named_parameters()}
+    fused = [n for n in pa if ".mlp.experts." in n]
+    got = {(e["layer"], e["expert"]): e for e in result["experts"]}
+    assert sorted(got) == [(layer, e) for layer in (0, 1) for e in range(4)]
+    for (layer, e), row in got.items():
+        mine = [n for n in fused if f".layers.{layer}." in n]
+        dd = sum(float((pb[n][e] - pa[n][e]).double().pow(2).sum()) for n in mine)
+        aa = sum(float(pa[n][e].double().pow(2).sum()) for n in mine)
+        assert row["rel_change"] == pytest.approx((dd / aa) ** 0.5, rel=1e-5)
+        assert row["numel"] == sum(pa[n][e].numel() for n in mine)
+    pooled_dd = sum(float((pb[n] - pa[n]).double().pow(2).sum()) for n in fused)
+    pooled_aa = sum(float(pa[n].double().pow(2).sum()) for n in fused)
+    experts = result["roles"]["experts"]
+    assert experts["pooled_rel_change"] == pytest.approx((pooled_dd / pooled_aa) ** 0.5, rel=1e-5)
+    assert experts["n_tensors"] == len({n for n in Checkpoint(base).names if re.search(STORED_EXPERT[arch], n)})
+    for role, summary in result["roles"].items():  # nothing else was trained
+        assert role == "experts" or summary["pooled_rel_change"] == 0.0, role
+    assert (tmp_path / "d" / "delta_experts.csv").read_text().count("\n") == 1 + 8
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_destroy_by_role_and_layer(moe_bases, tmp_path, arch):
+    """Re-initialising the experts of layer 1 (GPT-OSS's zero-initialised expert biases included): exactly their
+    stored tensors change, and loaded, exactly the parameters the trainer's `experts` selection names."""
+    from sfn_train.gadgets import destroy
+
+    base = moe_bases(arch)
+    manifest = destroy(base, tmp_path / "z", modules="experts", layers="1", mode="reinit")
+    changed, _ = changed_tensors(base, tmp_path / "z")
+    stored_experts = {n for n in Checkpoint(base).names if re.search(STORED_EXPERT[arch], n) and ".layers.1." in n}
+    assert changed == stored_experts == set(manifest["changed_tensors"])
+    destroyed, original = load_model(tmp_path / "z"), dict(load_model(base).named_parameters())
+    chosen = set(select_parameters(destroyed, "experts", "1"))
+    assert {n for n, p in destroyed.named_parameters() if not torch.equal(p, original[n])} == chosen
+
+
+# Removing layer 0 turns the tiny models' first MoE-or-dense pattern around: DeepSeek-V3's and Llama 4's dense first
+# layer, Qwen3-MoE with `decoder_sparse_step` 2 (layer 1 sparse, layers 0 and 2 dense), GPT-OSS's layer_types.
+REMOVAL_CASES = {
+    "deepseek_v3": dict(layers=3),
+    "llama4_text": dict(layers=3),
+    "qwen3_moe": dict(layers=3, decoder_sparse_step=2),
+    "gpt_oss": dict(layers=3),
+    "mixtral": dict(layers=3),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(REMOVAL_CASES))
+@pytest.mark.parametrize("drop", ["0", "1"])
+def test_remove_renumbers_moe_layers_and_keeps_the_config_consistent(tmp_path, arch, drop):
+    from sfn_train.gadgets import destroy
+    from sfn_train.tiny import save_tiny_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    base = save_tiny_checkpoint(tmp_path / "base", arch, hidden=32, **REMOVAL_CASES[arch])
+    destroy(base, tmp_path / "r", layers=drop, mode="remove")
+    short, info = AutoModelForCausalLM.from_pretrained(tmp_path / "r", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert short.config.num_hidden_layers == 2
+    full = dict(load_model(base).named_parameters())
+    kept = [i for i in range(3) if str(i) != drop]
+    for name, param in short.named_parameters():
+        match = re.search(r"\.layers\.(\d+)\.", name)
+        old = name if not match else name.replace(f".layers.{match.group(1)}.", f".layers.{kept[int(match.group(1))]}.")
+        assert torch.equal(param, full[old]), name
+    if arch == "deepseek_v3":
+        assert short.config.first_k_dense_replace == (0 if drop == "0" else 1)
+
+
+def test_remove_refuses_a_config_it_cannot_keep_consistent(tmp_path, moe_bases, monkeypatch):
+    """A layer-kind rule shortened_config does not know: the check against a model built from the new config
+    refuses, and nothing is written."""
+    import importlib
+
+    from sfn_train.errors import SfnError
+
+    destroy_mod = importlib.import_module("sfn_train.gadgets.destroy")  # the package exports the function by that name
+
+    original = destroy_mod.shortened_config
+    # As if DeepSeek's dense-first rule lived under a key shortened_config does not know: it stays 1 while the
+    # dense layer 0 is removed, so the config describes a dense layer 0 where experts are stored.
+    monkeypatch.setattr(destroy_mod, "shortened_config",
+                        lambda config, n, kept: {**original(config, n, kept), "first_k_dense_replace": 1})
+    with pytest.raises(SfnError, match="describes other layers than the tensors kept"):
+        destroy_mod.destroy(moe_bases("deepseek_v3"), tmp_path / "r", layers="0", mode="remove")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_stored_name_regex_says_what_to_select_instead(moe_bases, tmp_path):
+    from sfn_train.errors import SfnError
+    from sfn_train.gadgets import destroy
+
+    with pytest.raises(SfnError, match=r"mlp\.experts\.gate_up_proj.*in memory"):
+        destroy(moe_bases("qwen3_moe"), tmp_path / "x", modules=r"experts\.3\.gate_proj", mode="zero")
+
+
+# ---------------------------------------------------------------------------------------------- quantize_frozen
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_quantize_frozen_on_moe_keeps_fused_experts_in_full_precision_and_says_so(moe_runs, moe_bases, arch, caplog):
+    """bitsandbytes quantizes nn.Linear layers (attention, shared experts, dense MLPs); the fused 3-D expert tensors
+    and the routers are other modules: they stay in full precision, said in one line and in the manifest."""
+    caplog.set_level(logging.INFO, logger="sfn_train")
+    out = moe_runs(arch, "o_proj", quantize_frozen="4bit")
+    lines = [r.getMessage() for r in caplog.records if "stay in full precision" in r.getMessage()]
+    assert len(lines) == 1 and "model.layers.*.mlp.experts.gate_up_proj" in lines[0], lines
+    base = moe_bases(arch)
+    not_linear = [n for n, _ in load_model(base).named_parameters() if re.search(r"\.mlp\.(experts\.\w+|gate\.weight)$", n)]
+    summary = json.loads((out / "sfn_manifest.json").read_text())["selection"]["quantize_frozen"]
+    assert summary["full_precision_frozen"]["tensors"] == len(not_linear) > 0
+    assert summary["quantized_linears"] > 0
+    changed, _ = changed_tensors(base, out)
+    assert changed == on_disk(arch, select_parameters(load_model(base), "o_proj"), base)
