@@ -22,8 +22,9 @@ class SfnArguments:
     trainable_modules: list[str] = field(
         default_factory=lambda: ["o_proj"],
         metadata={
-            "help": "Module roles (o_proj, q_proj, k_proj, v_proj, qkv_proj, gate_proj, up_proj, down_proj, norm, "
-            "embed, lm_head; groups attn, qkv, mlp) or regexes searched in parameter names; `all` = full fine-tune."
+            "help": "Module roles (o_proj, q_proj, k_proj, v_proj, qkv_proj, kv_proj, gate_proj, up_proj, down_proj, "
+            "experts, shared_experts, router, norm, embed, lm_head; groups attn, qkv, mlp) or regexes searched in "
+            "parameter names; `all` = full fine-tune."
         },
     )
     trainable_layers: list[str] = field(

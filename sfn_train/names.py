@@ -128,3 +128,41 @@ def disk_tensors(model, tensors: dict) -> dict:
     from transformers.core_model_loading import revert_weight_conversion
 
     return revert_weight_conversion(model, dict(tensors))
+
+
+def memory_tensors(model, stored: dict) -> dict:
+    """`stored` ({on-disk name: tensor}, e.g. a plugin) as `from_pretrained` would load them: {in-memory name: tensor}.
+
+    transformers' own loading rule (the converters `from_pretrained` applies): one tensor per expert is stacked
+    into the fused in-memory tensor. A fused tensor needs all of its stored pieces; those `stored` lacks (a plugin
+    that kept only the experts that changed) are taken from the model's current values.
+    """
+    from copy import deepcopy
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    names = NameMap.from_model(model, stored)
+    current = dict(model.state_dict())
+    complete = dict(stored)
+    for memory in names.memory_names:
+        if names.disk_names_of(memory) != [memory] and memory in current:
+            for disk, value in disk_tensors(model, {memory: current[memory].detach()}).items():
+                complete.setdefault(disk, value)
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    names = NameMap.from_model(model, complete)
+    result, groups = {}, {}
+    for disk in sorted(complete, key=dot_natural_key):  # the order from_pretrained stacks experts in
+        memory, pattern = rename_source_key(disk, renamings, converters)
+        if pattern is None:
+            result[names.memory_name(disk)] = complete[disk]
+        else:
+            converter = groups.setdefault(memory, deepcopy(by_pattern[pattern]))
+            converter.add_tensor(memory, disk, pattern, complete[disk])
+    for memory, converter in groups.items():
+        for name, value in converter.convert(memory, model=model, config=model.config).items():
+            result[name] = value[0] if isinstance(value, list) else value
+    return result

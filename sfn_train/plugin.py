@@ -143,14 +143,17 @@ def apply_plugin_to_model(model, plugin: str | os.PathLike, base: str | os.PathL
     import torch
     from safetensors.torch import load_file
 
+    from .names import memory_tensors
+
     record = check if check is not None else check_plugin(plugin, Checkpoint(base), force=force)
     state = model.state_dict()
-    missing = [n for n in record["tensors"] if n not in state]
+    # The plugin holds the checkpoint's tensors; an MoE model holds its experts fused in memory (sfn_train/names.py)
+    tensors = memory_tensors(model, load_file(str(plugin)))
+    missing = [n for n in tensors if n not in state]
     if missing:
         raise SfnError(f"plugin tensor {missing[0]!r} is in BASE's files but not among the loaded model's parameters "
                        f"({type(model).__name__} names it differently); write the merged checkpoint with "
                        "`sfn plugin apply` and load that instead.")
-    tensors = load_file(str(plugin))
     with torch.no_grad():
         for name, value in tensors.items():
             state[name].copy_(value.to(dtype=state[name].dtype, device=state[name].device))

@@ -52,7 +52,7 @@ def build_tokenizer():
 # Mixture-of-experts families: 4 experts, 2 per token, expert width 16. DeepSeek-V3 has multi-head latent attention
 # (q and kv latents of rank 16), one shared expert, and its first layer dense (`first_k_dense_replace`); Llama 4's
 # first layer is dense too (`moe_layers`).
-MOE_ARCHS = ("qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral", "llama4_text")
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3", "mixtral", "llama4_text")
 
 
 def _moe_kwargs(arch: str, hidden: int, layers: int) -> dict:
@@ -62,6 +62,9 @@ def _moe_kwargs(arch: str, hidden: int, layers: int) -> dict:
         kw["max_position_embeddings"] = 512
     if arch == "qwen3_moe":
         kw.update(head_dim=hidden // 4, intermediate_size=hidden * 2, moe_intermediate_size=16, num_experts=4)
+    elif arch == "qwen2_moe":  # with a gated shared expert
+        kw.update(intermediate_size=hidden * 2, moe_intermediate_size=16, num_experts=4,
+                  shared_expert_intermediate_size=16)
     elif arch == "gpt_oss":
         kw.update(head_dim=hidden // 4, intermediate_size=16, num_local_experts=4,
                   layer_types=["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2))
@@ -81,7 +84,7 @@ def tiny_config(arch: str = "qwen2", vocab_size: int = 320, hidden: int = 64, la
     """A small config of the named family.
 
     Dense: qwen2, llama, qwen3, gpt_neox, gpt2, phi, falcon, mistral. Mixture of experts (`MOE_ARCHS`): qwen3_moe,
-    gpt_oss, deepseek_v3 (with MLA), mixtral, llama4_text.
+    qwen2_moe, gpt_oss, deepseek_v3 (with MLA), mixtral, llama4_text.
     """
     from transformers import AutoConfig
 

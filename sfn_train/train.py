@@ -97,6 +97,18 @@ def freeze(model, sfn_args) -> Selection:
                      trainable_tensors=trainable, trainable_params=n_train, total_params=n_total)
 
 
+def log_router_aux_loss(trainer) -> None:
+    """Mixture-of-experts models: say whether the router's load-balancing loss is added, and with which weight.
+
+    TRL adds router_aux_loss_coef * aux_loss (transformers' load-balancing loss; the coefficient from the recipe's
+    `router_aux_loss_coef`, else the model config's) whenever the config declares one. Its gradient reaches the
+    router only if the router is selected: frozen routers do not move.
+    """
+    if hasattr(trainer.model.config.get_text_config(), "output_router_logits"):
+        state = f"added with weight {trainer.router_aux_loss_coef}" if trainer.aux_loss_enabled else "off"
+        logger.info("router auxiliary (load-balancing) loss: %s.", state)
+
+
 def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
     from .data import load_rows, prepare_dataset
 
@@ -200,8 +212,10 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     # Training
     ################
     precision = precision_probe(model, selection.trainable_tensors, masters, training_args)
+    router_logits_as_loaded = getattr(model.config.get_text_config(), "output_router_logits", None)
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
                          callbacks=[precision, *(callbacks or [])])
+    log_router_aux_loss(trainer)
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -215,6 +229,11 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
             raise disk_full_error(output_dir, "a half-written checkpoint-* there is skipped when you resume") from None
         raise
     metrics = {**result.metrics, "wall_s": time.perf_counter() - started}
+    if getattr(trainer, "aux_loss_enabled", False):
+        metrics["router_aux_loss_coef"] = trainer.router_aux_loss_coef
+        # TRL turned the config's output_router_logits on for training; saved on, every forward of the fine-tune
+        # (generation too) would compute the auxiliary loss. The checkpoint keeps the base's setting.
+        model.config.get_text_config().output_router_logits = router_logits_as_loaded
 
     ################
     # Save model, plugin and manifest. Order matters: weights, then the plugin (atomic), and only then the manifest

@@ -142,14 +142,21 @@ def test_router_aux_loss_is_added_and_a_frozen_router_does_not_move(moe_runs, mo
     router = {n for n in base.names if re.search(r"\.(gate|router)\.(weight|bias)$", n)}
     assert router and not router & changed_tensors(moe_bases(arch), out)[0]
     assert changed_tensors(moe_bases(arch), moe_runs(arch, "router"))[0] == router
+    # TRL switches output_router_logits on to train; the fine-tune's config keeps the base's setting (on, every
+    # forward would compute the loss, and batched generation fails in transformers' load-balancing function)
+    base_config = json.loads((moe_bases(arch) / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text())["output_router_logits"] == base_config["output_router_logits"]
+    metrics = json.loads((out / "sfn_manifest.json").read_text())["metrics"]
+    assert metrics["router_aux_loss_coef"] == coef
 
 
 # ----------------------------------------------------------------------------------------------------- gadgets
-@pytest.mark.parametrize("modules", ["mlp", "experts", "router"])
+@pytest.mark.parametrize("modules", ["mlp", "experts", "router", "gate_up_proj"])
 @pytest.mark.parametrize("arch", TRAINED_ARCHS)
 def test_merge_takes_the_same_tensors_the_trainer_selects(moe_runs, moe_bases, tmp_path, arch, modules):
     """Merged checkpoint, loaded: the parameters `select_parameters` picks on the live model are the donor's, every
-    other one the base's -- the gadget's selection (on disk) and the trainer's (in memory) are the same."""
+    other one the base's -- the gadget's selection (on disk) and the trainer's (in memory) are the same. On disk
+    `gate_up_proj` names no Qwen3-MoE/DeepSeek-V3/Mixtral tensor; in memory it is the fused experts' gate and up."""
     from sfn_train.gadgets import merge
 
     base, donor = moe_bases(arch), moe_runs(arch, "all")
@@ -160,7 +167,8 @@ def test_merge_takes_the_same_tensors_the_trainer_selects(moe_runs, moe_bases, t
     for name, param in merged.named_parameters():
         assert torch.equal(param, (params_b if name in chosen else params_a)[name]), name
     assert set(manifest["donor_tensors"]) == on_disk(arch, sorted(chosen), base) | (
-        {n for n in Checkpoint(base).names if n.endswith("e_score_correction_bias")} if modules != "experts" else set())
+        {n for n in Checkpoint(base).names if n.endswith("e_score_correction_bias")} if modules in ("mlp", "router")
+        else set())
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
@@ -284,3 +292,38 @@ def test_quantize_frozen_on_moe_keeps_fused_experts_in_full_precision_and_says_s
     assert summary["quantized_linears"] > 0
     changed, _ = changed_tensors(base, out)
     assert changed == on_disk(arch, select_parameters(load_model(base), "o_proj"), base)
+
+
+# ----------------------------------------------------------------------------------------------- the whole path
+@pytest.mark.slow
+def test_moe_study_end_to_end(moe_runs, moe_bases, tmp_path):
+    """The lab's path on a tiny Qwen3-MoE base: fine-tunes (all, o_proj), delta, the paper's merges (o_proj, qkv,
+    mlp) plus experts and router, destruction (zero, reinit, remove) and an evaluation of every checkpoint and of
+    base + plugin on the lab task."""
+    from sfn_train.evaluation import evaluate
+    from sfn_train.gadgets import delta, destroy, merge
+
+    base, full, oproj = moe_bases("qwen3_moe"), moe_runs("qwen3_moe", "all"), moe_runs("qwen3_moe", "o_proj")
+    result = delta(base, full, tmp_path / "delta", plots=False, quiet=True)
+    assert {"experts", "router", "o_proj", "q_proj"} <= set(result["ranking"]) and len(result["experts"]) == 8
+    models = {"A": base, "full": full, "oproj": oproj}
+    for name, modules in {"m1_oproj": "o_proj", "m2_qkv": "qkv", "m3_mlp": "mlp", "m_experts": "experts",
+                          "m_router": "router"}.items():
+        merge(base, full, tmp_path / name, modules=modules)
+    models["m3_mlp"] = tmp_path / "m3_mlp"
+    for mode, modules in (("zero", "experts"), ("reinit", "o_proj"), ("remove", None)):
+        destroy(full, tmp_path / f"destroy_{mode}", modules=modules, layers="1", mode=mode)
+    models.update(destroy_zero=tmp_path / "destroy_zero", destroy_remove=tmp_path / "destroy_remove")
+    specs = [{"path": str(p), "label": label} for label, p in models.items()]
+    specs.append({"path": str(base), "plugin": str(oproj / "sfn_plugin.safetensors"), "label": "A+plugin"})
+    evaluate(specs, ["lab_reason"], tmp_path / "evals", temperature=0.0, samples=1, max_new_tokens=12, limit=4,
+             batch_size=4, progress=False, grading_workers=1)
+    results = {s["label"]: json.loads((tmp_path / "evals" / f"{s['label']}__lab_reason.json").read_text())
+               for s in specs}
+    assert all(r["summary"]["n_problems"] == 4 for r in results.values()), results["A"]["summary"]
+
+    def responses(label):
+        return [s["response"] for p in results[label]["problems"] for s in p["samples"]]
+
+    # base + plugin is the o_proj fine-tune, bit for bit, so greedy decoding says the same
+    assert responses("A+plugin") == responses("oproj")

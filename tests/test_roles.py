@@ -139,6 +139,9 @@ def test_select_command_lists_the_tensors_without_loading_weights(qwen2_base, ca
 MOE_LAYER_PARTS = {  # arch -> role -> module paths of the last (MoE) layer, relative to its `layers.N.`
     "qwen3_moe": {"experts": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "router": ["mlp.gate.weight"],
                   "shared_experts": []},
+    "qwen2_moe": {"experts": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "router": ["mlp.gate.weight"],
+                  "shared_experts": ["mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight",
+                                     "mlp.shared_expert.down_proj.weight", "mlp.shared_expert_gate.weight"]},
     "gpt_oss": {"experts": ["mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj",
                             "mlp.experts.down_proj_bias"],
                 "router": ["mlp.router.weight", "mlp.router.bias"], "shared_experts": []},
