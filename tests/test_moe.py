@@ -277,36 +277,44 @@ def test_a_stored_name_regex_says_what_to_select_instead(moe_bases, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- quantize_frozen
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
-def test_quantize_frozen_on_moe_keeps_fused_experts_in_full_precision_and_says_so(moe_runs, moe_bases, arch, caplog):
+@pytest.mark.parametrize("arch,modules", [("qwen3_moe", "o_proj"), ("deepseek_v3", "experts")])
+def test_quantize_frozen_on_moe_keeps_fused_experts_in_full_precision_and_says_so(moe_runs, moe_bases, arch, modules,
+                                                                                   caplog):
     """bitsandbytes quantizes nn.Linear layers (attention, shared experts, dense MLPs); the fused 3-D expert tensors
-    and the routers are other modules: they stay in full precision, said in one line and in the manifest."""
+    and the routers are other modules: frozen, they stay in full precision, said in one line and in the manifest.
+    Trained fused experts come back as the checkpoint's per-expert tensors in the plugin."""
     caplog.set_level(logging.INFO, logger="sfn_train")
-    out = moe_runs(arch, "o_proj", quantize_frozen="4bit")
-    lines = [r.getMessage() for r in caplog.records if "stay in full precision" in r.getMessage()]
-    assert len(lines) == 1 and "model.layers.*.mlp.experts.gate_up_proj" in lines[0], lines
+    out = moe_runs(arch, modules, quantize_frozen="4bit")
     base = moe_bases(arch)
-    not_linear = [n for n, _ in load_model(base).named_parameters() if re.search(r"\.mlp\.(experts\.\w+|gate\.weight)$", n)]
+    trained = select_parameters(load_model(base), modules)
+    not_linear = [n for n, _ in load_model(base).named_parameters()
+                  if re.search(r"\.mlp\.(experts\.\w+|gate\.weight)$", n) and n not in trained]
+    lines = [r.getMessage() for r in caplog.records if "stay in full precision" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert all(re.sub(r"layers\.\d+", "layers.*", n) in lines[0] for n in not_linear), lines
     summary = json.loads((out / "sfn_manifest.json").read_text())["selection"]["quantize_frozen"]
     assert summary["full_precision_frozen"]["tensors"] == len(not_linear) > 0
     assert summary["quantized_linears"] > 0
     changed, _ = changed_tensors(base, out)
-    assert changed == on_disk(arch, select_parameters(load_model(base), "o_proj"), base)
+    assert changed == on_disk(arch, trained, base)
+    from safetensors.torch import load_file
+
+    assert set(load_file(out / "sfn_plugin.safetensors")) == changed
 
 
 # ----------------------------------------------------------------------------------------------- the whole path
 @pytest.mark.slow
 def test_moe_study_end_to_end(moe_runs, moe_bases, tmp_path):
-    """The lab's path on a tiny Qwen3-MoE base: fine-tunes (all, o_proj), delta, the paper's merges (o_proj, qkv,
-    mlp) plus experts and router, destruction (zero, reinit, remove) and an evaluation of every checkpoint and of
-    base + plugin on the lab task."""
+    """The lab's path on a tiny Qwen3-MoE base: fine-tunes (all, experts), delta, the paper's merges (o_proj, qkv,
+    mlp) plus experts and router, destruction (zero, reinit, remove) and an evaluation of the checkpoints and of
+    base + the experts plugin (stored per expert, fused in memory) on the lab task."""
     from sfn_train.evaluation import evaluate
     from sfn_train.gadgets import delta, destroy, merge
 
-    base, full, oproj = moe_bases("qwen3_moe"), moe_runs("qwen3_moe", "all"), moe_runs("qwen3_moe", "o_proj")
+    base, full, experts = moe_bases("qwen3_moe"), moe_runs("qwen3_moe", "all"), moe_runs("qwen3_moe", "experts")
     result = delta(base, full, tmp_path / "delta", plots=False, quiet=True)
     assert {"experts", "router", "o_proj", "q_proj"} <= set(result["ranking"]) and len(result["experts"]) == 8
-    models = {"A": base, "full": full, "oproj": oproj}
+    models = {"A": base, "full": full, "experts": experts}
     for name, modules in {"m1_oproj": "o_proj", "m2_qkv": "qkv", "m3_mlp": "mlp", "m_experts": "experts",
                           "m_router": "router"}.items():
         merge(base, full, tmp_path / name, modules=modules)
@@ -315,7 +323,7 @@ def test_moe_study_end_to_end(moe_runs, moe_bases, tmp_path):
         destroy(full, tmp_path / f"destroy_{mode}", modules=modules, layers="1", mode=mode)
     models.update(destroy_zero=tmp_path / "destroy_zero", destroy_remove=tmp_path / "destroy_remove")
     specs = [{"path": str(p), "label": label} for label, p in models.items()]
-    specs.append({"path": str(base), "plugin": str(oproj / "sfn_plugin.safetensors"), "label": "A+plugin"})
+    specs.append({"path": str(base), "plugin": str(experts / "sfn_plugin.safetensors"), "label": "A+plugin"})
     evaluate(specs, ["lab_reason"], tmp_path / "evals", temperature=0.0, samples=1, max_new_tokens=12, limit=4,
              batch_size=4, progress=False, grading_workers=1)
     results = {s["label"]: json.loads((tmp_path / "evals" / f"{s['label']}__lab_reason.json").read_text())
@@ -325,5 +333,5 @@ def test_moe_study_end_to_end(moe_runs, moe_bases, tmp_path):
     def responses(label):
         return [s["response"] for p in results[label]["problems"] for s in p["samples"]]
 
-    # base + plugin is the o_proj fine-tune, bit for bit, so greedy decoding says the same
-    assert responses("A+plugin") == responses("oproj")
+    # base + plugin is the experts fine-tune, bit for bit, so greedy decoding says the same
+    assert responses("A+plugin") == responses("experts")

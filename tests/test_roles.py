@@ -295,3 +295,30 @@ def test_regex_with_a_repetition_range_is_one_entry(models, qwen2_base, capsys):
     assert select_parameters(models["qwen2"], regex) == [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(4)]
     assert main(["select", str(qwen2_base), "--modules", regex]) == 0
     assert capsys.readouterr().out.count("o_proj.weight\t") == 4
+
+
+def test_gadgets_on_a_vision_language_checkpoint_number_the_language_model_layers(tmp_path):
+    """Stored as `language_model.model.layers.N` next to `vision_tower.vision_model.encoder.layers.N` (transformers'
+    Llava layout on disk): removing layer 1 drops the language model's layer 1 only, and the result loads."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from sfn_train.gadgets import destroy
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=16, projection_dim=32)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=63))
+    model.save_pretrained(tmp_path / "vlm")
+    zeroed = destroy(tmp_path / "vlm", tmp_path / "z", modules="o_proj", layers="0", mode="zero")
+    assert zeroed["changed_tensors"] == ["language_model.model.layers.0.self_attn.o_proj.weight"]
+    destroy(tmp_path / "vlm", tmp_path / "r", layers="1", mode="remove")
+    short, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "r", output_loading_info=True)
+    assert not any(info.values()), info
+    assert (short.config.text_config.num_hidden_layers, short.config.vision_config.num_hidden_layers) == (2, 2)
+    before, after = model.state_dict(), short.state_dict()
+    for name, value in after.items():
+        old = name.replace("language_model.layers.1.", "language_model.layers.2.")
+        assert torch.equal(value, before[old]), name
