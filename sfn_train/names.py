@@ -78,9 +78,9 @@ class NameMap:
         try:
             model = meta_model(ckpt.path)
         except Exception as exc:  # noqa: BLE001 - any failure means the same: transformers cannot describe the model
-            logger.warning("tensor names of %s taken as stored: transformers cannot build %s without its own code "
-                           "(%s).", ckpt.path, ckpt.arch(), str(exc).strip().splitlines()[0][:160] if str(exc) else
-                           type(exc).__name__)
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            logger.warning("tensor names of %s taken as stored: transformers cannot build its model from config.json "
+                           "alone (%s).", ckpt.path, reason)
             return cls.identity(ckpt.names)
         return cls.from_model(model, ckpt.names)
 
