@@ -277,7 +277,8 @@ def test_a_stored_name_regex_says_what_to_select_instead(moe_bases, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- quantize_frozen
-@pytest.mark.parametrize("arch,modules", [("qwen3_moe", "o_proj"), ("deepseek_v3", "experts")])
+@pytest.mark.parametrize("arch,modules", [("qwen3_moe", "o_proj"), ("deepseek_v3", "experts"), ("gpt_oss", "o_proj"),
+                                          ("mixtral", "o_proj")])
 def test_quantize_frozen_on_moe_keeps_fused_experts_in_full_precision_and_says_so(moe_runs, moe_bases, arch, modules,
                                                                                    caplog):
     """bitsandbytes quantizes nn.Linear layers (attention, shared experts, dense MLPs); the fused 3-D expert tensors
@@ -288,7 +289,7 @@ def test_quantize_frozen_on_moe_keeps_fused_experts_in_full_precision_and_says_s
     base = moe_bases(arch)
     trained = select_parameters(load_model(base), modules)
     not_linear = [n for n, _ in load_model(base).named_parameters()
-                  if re.search(r"\.mlp\.(experts\.\w+|gate\.weight)$", n) and n not in trained]
+                  if re.search(r"\.mlp\.(experts\.\w+|gate\.weight|router\.weight)$", n) and n not in trained]
     lines = [r.getMessage() for r in caplog.records if "stay in full precision" in r.getMessage()]
     assert len(lines) == 1, lines
     assert all(re.sub(r"layers\.\d+", "layers.*", n) in lines[0] for n in not_linear), lines
