@@ -171,10 +171,11 @@ def test_merge_takes_the_same_tensors_the_trainer_selects(moe_runs, moe_bases, t
         else set())
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", TRAINED_ARCHS)
 def test_delta_reports_each_expert_and_the_pooled_experts_role(moe_runs, moe_bases, tmp_path, arch):
     """Per expert: sqrt(sum ||B-A||^2 / sum ||A||^2) over that expert's gate, up and down (and biases), whether the
-    checkpoint stores one tensor per expert (Qwen3-MoE) or all experts fused along dim 0 (GPT-OSS)."""
+    checkpoint stores one tensor per expert (Qwen3-MoE, DeepSeek-V3, Mixtral under its own names) or all experts
+    fused along dim 0 (GPT-OSS). DeepSeek-V3's layer 0 is dense: its experts are layer 1's only."""
     from sfn_train.gadgets import delta
 
     base, tuned = moe_bases(arch), moe_runs(arch, "experts")
@@ -183,7 +184,8 @@ def test_delta_reports_each_expert_and_the_pooled_experts_role(moe_runs, moe_bas
     pa, pb = {n: p.detach() for n, p in a.named_parameters()}, {n: p.detach() for n, p in b.named_parameters()}
     fused = [n for n in pa if ".mlp.experts." in n]
     got = {(e["layer"], e["expert"]): e for e in result["experts"]}
-    assert sorted(got) == [(layer, e) for layer in (0, 1) for e in range(4)]
+    moe_layers = (1,) if arch == "deepseek_v3" else (0, 1)
+    assert sorted(got) == [(layer, e) for layer in moe_layers for e in range(4)]
     for (layer, e), row in got.items():
         mine = [n for n in fused if f".layers.{layer}." in n]
         dd = sum(float((pb[n][e] - pa[n][e]).double().pow(2).sum()) for n in mine)
@@ -197,7 +199,7 @@ def test_delta_reports_each_expert_and_the_pooled_experts_role(moe_runs, moe_bas
     assert experts["n_tensors"] == len({n for n in Checkpoint(base).names if re.search(STORED_EXPERT[arch], n)})
     for role, summary in result["roles"].items():  # nothing else was trained
         assert role == "experts" or summary["pooled_rel_change"] == 0.0, role
-    assert (tmp_path / "d" / "delta_experts.csv").read_text().count("\n") == 1 + 8
+    assert (tmp_path / "d" / "delta_experts.csv").read_text().count("\n") == 1 + 4 * len(moe_layers)
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
