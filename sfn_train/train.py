@@ -147,6 +147,15 @@ def precision_probe(model, trainable, masters, training_args):
     return _PrecisionProbe()
 
 
+def peak_gpu_memory() -> dict:
+    """This process's peak GPU allocation during the run (the study's Table 2 reports it); nothing on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------------------------
@@ -228,7 +237,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
         if is_disk_full(exc, output_dir):
             raise disk_full_error(output_dir, "a half-written checkpoint-* there is skipped when you resume") from None
         raise
-    metrics = {**result.metrics, "wall_s": time.perf_counter() - started}
+    metrics = {**result.metrics, "wall_s": time.perf_counter() - started, **peak_gpu_memory()}
     if getattr(trainer, "aux_loss_enabled", False):
         metrics["router_aux_loss_coef"] = trainer.router_aux_loss_coef
         # TRL turned the config's output_router_logits on for training; saved on, every forward of the fine-tune

@@ -49,7 +49,8 @@ def _task_files(values: list[str] | None, tasks: list[str]) -> dict[str, str]:
     return files
 
 
-def eval_main(argv: list[str]) -> int:
+def eval_parser() -> argparse.ArgumentParser:
+    """`sfn eval`'s options and defaults; `sfn study` validates its `eval:` block against the same parser."""
     p = _Parser(prog="sfn eval", description="Generate on tasks, grade, classify levels, write one JSON per model x task.")
     p.add_argument("models", nargs="+", help="checkpoint folders or hub ids (a base, with --plugin)")
     p.add_argument("--task", action="append", required=True, help="task name (aime24, math500, gsm8k, gpqa_diamond, "
@@ -85,7 +86,25 @@ def eval_main(argv: list[str]) -> int:
     _opt(p, "--grading-workers", type=int)
     _opt(p, "--allow-tokenizer-mismatch", action="store_true")
     _opt(p, "--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def evaluate_kwargs(a: argparse.Namespace) -> dict:
+    """Parsed `sfn eval` options -> the keyword arguments of `evaluate` other than models, tasks, out and labels."""
+    return dict(
+        task_files=_task_files(a.task_file, a.task), answer_type=a.answer_type,
+        limit=a.limit, grading_timeout=a.grading_timeout, grading_workers=a.grading_workers,
+        allow_tokenizer_mismatch=a.allow_tokenizer_mismatch, progress=not a.no_progress,
+        backend=a.backend, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+        samples=a.samples, seed=a.seed, chat_template=a.chat_template, budget_forcing=a.budget_forcing,
+        wait_text=a.wait_text, batch_size=a.batch_size, dtype=a.dtype, device=a.device,
+        tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
+        max_model_len=a.max_model_len, end_of_thinking=a.end_of_thinking, thinking_budget=a.thinking_budget,
+    )
+
+
+def eval_main(argv: list[str]) -> int:
+    a = eval_parser().parse_args(argv)
     if a.force and not a.plugin:
         raise SfnError("--force only applies with --plugin: remove it, or name the plugin file.")
     if a.plugin and len(a.models) != 1:
@@ -95,17 +114,8 @@ def eval_main(argv: list[str]) -> int:
     from .run import evaluate
 
     models = [ModelSpec(m, plugin=a.plugin, force_plugin=a.force) for m in a.models]
-    written = evaluate(
-        models, a.task, a.out, labels=a.label, task_files=_task_files(a.task_file, a.task), answer_type=a.answer_type,
-        limit=a.limit, grading_timeout=a.grading_timeout, grading_workers=a.grading_workers,
-        allow_tokenizer_mismatch=a.allow_tokenizer_mismatch, progress=not a.no_progress,
-        backend=a.backend, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-        samples=a.samples, seed=a.seed, chat_template=a.chat_template, budget_forcing=a.budget_forcing,
-        wait_text=a.wait_text, batch_size=a.batch_size, dtype=a.dtype, device=a.device,
-        tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
-        max_model_len=a.max_model_len, end_of_thinking=a.end_of_thinking, thinking_budget=a.thinking_budget,
-        command=shlex.join(["sfn", "eval", *argv]),
-    )
+    written = evaluate(models, a.task, a.out, labels=a.label, command=shlex.join(["sfn", "eval", *argv]),
+                       **evaluate_kwargs(a))
     import json
 
     for path in written:

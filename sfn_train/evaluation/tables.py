@@ -1,0 +1,314 @@
+"""The paper's three tables and the findings, from eval results and plain records of what was trained and built.
+
+Shared by every report that compares a base model A, a reasoning model B, fine-tunes, merges and destroyed copies:
+`sfn study`'s report, and the lab's once it becomes a study over its generated data. Nothing here knows how the
+models were made; each is a `ModelEntry` (name, group, one eval result per task, and what the table needs: training
+figures, the modules a merge took, the cell a destroyed model fills). Tables 1-3 follow the paper's layout:
+
+- fine-tunes vs a baseline (Table 2): trainable share, steps/s, peak memory, pass@1 with CI and a paired test;
+- merges vs A (Table 1): pass@1, paired test against A, mean response tokens (the paper saw merged models write more);
+- destruction (Table 3): the majority response level and pass@1 per mode x module.
+
+The findings are sentences chosen by the measured numbers and paired tests, never fixed text: a difference is called
+one only at p < ALPHA.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .stats import format_p, paired_bootstrap
+
+ALPHA = 0.05
+LEVELS = ("I", "II", "III", "IV")
+COHERENT = ("III", "IV")  # on-task text: the paper's "o_proj matters little for conversation" reads off these
+BC_BIMODAL = 5 / 9  # Sarle's threshold: a bimodality coefficient above it suggests two groups of elements
+
+
+@dataclass
+class ModelEntry:
+    """One model of a comparison, as the tables need it."""
+
+    name: str
+    group: str  # base | reasoning | finetune | merge | destroy
+    describe: str  # what it is, in a few words: "o_proj", "A + B's q,k,v_proj in layers 0-13", "zero o_proj"
+    results: dict[str, dict]  # task -> `sfn eval` result
+    training: dict | None = None  # trainable_params, trainable_fraction, steps_per_s, train_s, peak_memory (text)
+    destroy: tuple[str, str | None] | None = None  # (mode, module); module None for `remove`
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cells
+
+
+def per_problem(result: dict) -> dict[str, float]:
+    return {str(p["id"]): sum(s["correct"] for s in p["samples"]) / len(p["samples"]) for p in result["problems"]}
+
+
+def paired_test(a: dict, b: dict, seed: int = 0) -> dict:
+    """Paired bootstrap of a - b over the problems both answered (ids matched)."""
+    pa, pb = per_problem(a), per_problem(b)
+    shared = [i for i in pa if i in pb]
+    test = paired_bootstrap([pa[i] for i in shared], [pb[i] for i in shared], seed=seed)
+    return {**test, "n_shared": len(shared)}
+
+
+def fmt_acc(result: dict) -> str:
+    s = result["summary"]
+    wilson = " W" if s.get("ci_method") == "wilson" else ""
+    return f"{s['pass_at_1']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]{wilson}"
+
+
+def fmt_test(test: dict) -> str:
+    return f"{test['delta']:+.3f} ({format_p(test['p_value'])})"
+
+
+def pass1(result: dict) -> float:
+    return result["summary"]["pass_at_1"]
+
+
+def majority_level(result: dict) -> str:
+    counts = Counter(s["level"] for p in result["problems"] for s in p["samples"])
+    return counts.most_common(1)[0][0] if counts else "—"
+
+
+def level_shares(result: dict) -> str:
+    shares = result["summary"]["level_shares"]
+    return " / ".join(f"{shares.get(k, 0):.2f}" for k in LEVELS)
+
+
+def significant(test: dict) -> bool:
+    return test["p_value"] < ALPHA
+
+
+def verdict(test: dict) -> str:
+    if not significant(test):
+        return "no significant difference"
+    return "better" if test["delta"] > 0 else "worse"
+
+
+def versus(test: dict, other: str) -> str:
+    """"better than X" / "worse than X" / "not significantly different from X", with Δ and p."""
+    said = {"better": f"better than {other}", "worse": f"worse than {other}"}.get(
+        verdict(test), f"not significantly different from {other}")
+    return f"{said} (Δ {test['delta']:+.3f}, {format_p(test['p_value'])})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _task_header(tasks: list[str], what: str) -> tuple[str, str]:
+    head = "".join(f" {t} pass@1 [95% CI] | Δ vs {what} (p) |" for t in tasks)
+    return head, "---|---|" * len(tasks)
+
+
+def finetune_table(entries: list[ModelEntry], baseline: ModelEntry, tasks: list[str], seed: int = 0) -> list[str]:
+    """Table 2: each row a model, its training figures (— where not trained here) and pass@1 per task against the
+    baseline. `entries` in row order; the baseline's own Δ is —."""
+    head, rule = _task_header(tasks, baseline.name)
+    lines = ["| model | tuned | trainable params | steps/s | train time (s) | peak memory |" + head,
+             "|---|---|---|---|---|---|" + rule]
+    for e in entries:
+        t = e.training or {}
+        share = (f"{t['trainable_params']:,} ({t['trainable_fraction']:.1%})" if "trainable_params" in t else "—")
+        steps = f"{t['steps_per_s']:.3g}" if t.get("steps_per_s") is not None else "—"
+        train_s = f"{t['train_s']:.1f}" if t.get("train_s") is not None else "—"
+        cells = "".join(f" {_cell_acc(e, task)} | {_cell_test(e, baseline, task, seed)} |" for task in tasks)
+        lines.append(f"| {e.name} | {e.describe} | {share} | {steps} | {train_s} | {t.get('peak_memory', '—')} |"
+                     + cells)
+    return lines
+
+
+def merge_table(entries: list[ModelEntry], base: ModelEntry, tasks: list[str], seed: int = 0) -> list[str]:
+    """Table 1: A, the merges and the donors, each against A, with mean response tokens and response levels."""
+    head = "".join(f" {t} pass@1 [95% CI] | Δ vs {base.name} (p) | mean tokens | levels I/II/III/IV |" for t in tasks)
+    lines = ["| model | modules from the donor |" + head, "|---|---|" + "---|---|---|---|" * len(tasks)]
+    for e in entries:
+        cells = ""
+        for task in tasks:
+            r = e.results.get(task)
+            tokens = f"{r['summary']['mean_tokens']:.0f}" if r else "—"
+            cells += (f" {_cell_acc(e, task)} | {_cell_test(e, base, task, seed)} | {tokens} | "
+                      f"{level_shares(r) if r else '—'} |")
+        lines.append(f"| {e.name} | {e.describe} |" + cells)
+    return lines
+
+
+def destruction_table(entries: list[ModelEntry], modules: list[str], task: str) -> list[str]:
+    """Table 3 for one task: rows are modes, columns modules; a cell is the majority level and pass@1."""
+    grid = {e.destroy: e for e in entries if e.destroy is not None and task in e.results}
+    modes = list(dict.fromkeys(mode for mode, _ in grid))
+    lines = ["| destroyed | " + " | ".join(modules) + " |", "|---|" + "---|" * len(modules)]
+    for mode in modes:
+        if mode == "remove":
+            e = grid[("remove", None)]
+            r = e.results[task]
+            lines.append(f"| remove layers | {majority_level(r)} ({pass1(r):.2f}) |" + " |" * (len(modules) - 1))
+            continue
+        cells = []
+        for module in modules:
+            e = grid.get((mode, module))
+            cells.append(f"{majority_level(e.results[task])} ({pass1(e.results[task]):.2f})" if e else "—")
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def delta_table(delta: dict) -> list[str]:
+    """One row per role of a `sfn delta` result, in its ranking order (largest mean relative change first)."""
+    lines = ["| role | mean ‖ΔW‖/‖W_A‖ over layers | mean ‖ΔW‖ | BC of log10(abs(r)) |", "|---|---|---|---|"]
+    for role in delta_ranking(delta):
+        s = delta["roles"][role]
+        bc = (s.get("moments_of_log10_abs_r") or {}).get("bimodality_coefficient")
+        lines.append(f"| {role} | {s['mean_rel_change']:.4g} | {s['mean_l2_diff']:.4g} | "
+                     f"{'—' if bc is None else f'{bc:.3f}'} |")
+    return lines
+
+
+def delta_ranking(delta: dict) -> list[str]:
+    return [r for r in delta["ranking"] if delta["roles"][r]["mean_rel_change"] is not None]
+
+
+def _cell_acc(e: ModelEntry, task: str) -> str:
+    r = e.results.get(task)
+    return fmt_acc(r) if r else "—"
+
+
+def _cell_test(e: ModelEntry, against: ModelEntry, task: str, seed: int) -> str:
+    if e.name == against.name or task not in e.results or task not in against.results:
+        return "—"
+    return fmt_test(paired_test(e.results[task], against.results[task], seed))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Findings
+
+
+def findings(entries: list[ModelEntry], tasks: list[str], baseline: str, deltas: dict[str, dict] | None = None,
+             seed: int = 0) -> list[str]:
+    """What the numbers say, one sentence each, chosen by paired tests at p < ALPHA."""
+    by = {e.name: e for e in entries}
+    base = next((e for e in entries if e.group == "base"), None)
+    reasoning = next((e for e in entries if e.group == "reasoning"), None)
+    tuned = [e for e in entries if e.group == "finetune"]
+    merges = [e for e in entries if e.group == "merge"]
+    destroyed = [e for e in entries if e.group == "destroy"]
+    out: list[str] = []
+
+    def test(a: ModelEntry, b: ModelEntry, task: str) -> dict | None:
+        if task not in a.results or task not in b.results:
+            return None
+        return paired_test(a.results[task], b.results[task], seed)
+
+    # B against A: did the reasoning fine-tune gain anything measurable here?
+    if base and reasoning:
+        for task in tasks:
+            t = test(reasoning, base, task)
+            if t is None:
+                continue
+            a, b = pass1(base.results[task]), pass1(reasoning.results[task])
+            out.append(f"{task}: B ({reasoning.name}) scores {b:.3f} and A ({base.name}) {a:.3f}: "
+                       + (f"B is {versus(t, 'A')}." if significant(t) else
+                          f"no significant difference ({format_p(t['p_value'])}), so nothing below can show B's "
+                          "reasoning moving into A on this task."))
+
+    # Fine-tunes: against the baseline, the share of a reference gain they recover, and their cost
+    full = next((e for e in tuned if (e.training or {}).get("trainable_fraction") == 1.0), None)
+    reference = full or reasoning
+    for e in tuned:
+        parts = []
+        for task in tasks:
+            if baseline in by and e.name != baseline:
+                t = test(e, by[baseline], task)
+                if t is not None:
+                    parts.append(f"{task} {pass1(e.results[task]):.3f}, {versus(t, baseline)}")
+            if base and reference and reference is not e:
+                gain = test(reference, base, task)
+                if gain is not None and significant(gain) and gain["delta"] > 0:
+                    share = (pass1(e.results[task]) - pass1(base.results[task])) / gain["delta"]
+                    parts.append(f"recovers {share:.0%} of {reference.name}'s significant gain over A on {task}")
+        cost = ""
+        if full is not None and e is not full and e.training and full.training:
+            ratios = []
+            if e.training.get("steps_per_s") and full.training.get("steps_per_s"):
+                ratios.append(f"{e.training['steps_per_s'] / full.training['steps_per_s']:.2f}x the steps/s")
+            if e.training.get("peak_memory_mb") and full.training.get("peak_memory_mb"):
+                ratios.append(f"{e.training['peak_memory_mb'] / full.training['peak_memory_mb']:.2f}x the peak memory")
+            if ratios:
+                cost = f"; it trained at {' and '.join(ratios)} of {full.name}"
+        share = (e.training or {}).get("trainable_fraction")
+        trained = f" (trains {share:.1%} of the parameters)" if share is not None else ""
+        if parts:
+            out.append(f"Fine-tune {e.name}{trained}: " + "; ".join(parts) + cost + ".")
+
+    # Merges against A
+    if base and merges:
+        for task in tasks:
+            tests = {m.name: test(m, base, task) for m in merges}
+            tests = {k: v for k, v in tests.items() if v is not None}
+            if not tests:
+                continue
+            better = [k for k, t in tests.items() if significant(t) and t["delta"] > 0]
+            worse = [k for k, t in tests.items() if significant(t) and t["delta"] < 0]
+            best = max(tests, key=lambda k: pass1(by[k].results[task]))
+            tokens = by[best].results[task]["summary"]["mean_tokens"], base.results[task]["summary"]["mean_tokens"]
+            line = f"{task}: merges into A -- "
+            line += (f"significantly better than A: {', '.join(better)}" if better else "none is significantly better "
+                     "than A")
+            line += f"; significantly worse: {', '.join(worse)}" if worse else ""
+            line += (f". The best, {best}, scores {pass1(by[best].results[task]):.3f} vs A's "
+                     f"{pass1(base.results[task]):.3f} ({format_p(tests[best]['p_value'])}) and writes {tokens[0]:.0f} "
+                     f"tokens per response vs A's {tokens[1]:.0f}.")
+            out.append(line)
+
+    # Destruction: which damaged modules still give on-task text
+    if destroyed:
+        task = next((t for t in tasks if all(t in e.results for e in destroyed)), None)
+        if task is not None:
+            for mode in dict.fromkeys(e.destroy[0] for e in destroyed if e.destroy):
+                cells = {e.destroy[1]: majority_level(e.results[task]) for e in destroyed
+                         if e.destroy and e.destroy[0] == mode}
+                if mode == "remove":
+                    out.append(f"{task}: removing the layers leaves level {cells[None]} responses.")
+                    continue
+                mild = [m for m, lv in cells.items() if lv in COHERENT]
+                severe = [m for m, lv in cells.items() if lv not in COHERENT]
+                if not mild:
+                    line = f"{task}, {mode}: damaging any of {', '.join(severe)} degrades responses to level I/II"
+                elif not severe:
+                    line = f"{task}, {mode}: responses stay on task (level III/IV) whichever of {', '.join(mild)} is damaged"
+                else:
+                    line = (f"{task}, {mode}: responses stay on task (level III/IV) with {', '.join(mild)} damaged and "
+                            f"degrade to level I/II with {', '.join(severe)}")
+                if "o_proj" in cells and len(cells) > 1:
+                    line += (". As in the paper, damaging o_proj is milder than damaging most other modules"
+                             if cells["o_proj"] in COHERENT and len(severe) >= (len(cells) - 1) / 2 else
+                             ". Unlike the paper's Table 3, o_proj is not among the mild ones here"
+                             if cells["o_proj"] not in COHERENT else
+                             ". o_proj is mild here, but so are most other modules, so this does not single it out")
+                out.append(line + ".")
+
+    # Delta: where did fine-tuning move the weights?
+    for label, delta in (deltas or {}).items():
+        ranking = delta_ranking(delta)
+        if not ranking:
+            continue
+        line = f"Delta {label}: the largest mean relative change is in {ranking[0]}"
+        if "o_proj" in ranking and ranking[0] != "o_proj":
+            line += f"; o_proj ranks {ranking.index('o_proj') + 1} of {len(ranking)}"
+        bimodal = [r for r in ranking if ((delta["roles"][r].get("moments_of_log10_abs_r") or {})
+                                          .get("bimodality_coefficient") or 0) > BC_BIMODAL]
+        line += (f"; roles whose element changes form two groups (BC > 5/9): {', '.join(bimodal)}" if bimodal else
+                 "; no role's element changes form two groups (every BC <= 5/9)")
+        out.append(line + ".")
+
+    # What the sample size can resolve
+    widths = [(r["summary"]["ci_high"] - r["summary"]["ci_low"]) / 2 for e in entries for r in e.results.values()]
+    if widths:
+        n = statistics.median(r["summary"]["n_problems"] for e in entries for r in e.results.values())
+        out.append(f"Resolution: with a median of {n:g} problems per task, the 95% CIs are ±{statistics.median(widths):.3f} "
+                   "wide (median); differences smaller than that are not distinguishable from noise here.")
+    return out

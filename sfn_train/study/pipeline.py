@@ -1,0 +1,414 @@
+"""The stages of a study and the commands behind them.
+
+Every stage goes through what the single commands use: training is the `sfn train` command line with the variant's
+recipe (a subprocess, so that its peak memory is its own; under `torchrun` where the machine has the GPUs the
+launch asks for), merges, destruction and delta are `sfn_train.gadgets` calls with the arguments `sfn merge|destroy|
+delta` take, and evaluation is `evaluate` with the options `sfn eval` parses. `--plan` prints those same commands.
+
+Folders under `out`: `train/<name>` (the `sfn train` output), `merges/<name>`, `destroy/<name>`, `delta/<name>`,
+`evals/<model>` (one `sfn eval` JSON per task), `stages/` (the markers), `study_run.json` and `report.md`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import SfnError
+from ..stages import Stage, StageRunner, file_digest
+from .schema import BASE, REASONING, Study
+
+KINDS = ("train", "merge", "destroy", "delta", "eval", "report")
+MARKERS = "stages"
+
+
+class StudyPipeline:
+    def __init__(self, study: Study, study_file: str | os.PathLike, out: str | os.PathLike | None = None,
+                 log=print):
+        self.study = study
+        self.study_file = Path(study_file)
+        self.out = Path(out or study.out)
+        self.log = log
+        from .evalopts import parse_eval_options
+
+        self.eval_ns = parse_eval_options(study.eval, study.tasks)
+        self.destroy_eval = {**study.eval, **(study.destroy.eval if study.destroy else {})}
+        self.destroy_ns = parse_eval_options(self.destroy_eval, study.tasks, "destroy.eval")
+        self.finetunes = {f.name: f for f in study.finetune}
+        self.merges = {m.name: m for m in study.merges}
+        self.destroyed = {name: (mode, module) for name, mode, module in study.destroyed()}
+        self.baseline = study.baseline or (REASONING if study.reasoning else BASE)
+
+    # -- models ------------------------------------------------------------------------------------------------------
+    def model_path(self, name: str) -> str:
+        if name == BASE:
+            return self.study.base
+        if name == REASONING:
+            return self.study.reasoning
+        if name in self.finetunes:
+            return str(self.out / "train" / name)
+        if name in self.merges:
+            return str(self.out / "merges" / name)
+        return str(self.out / "destroy" / name)
+
+    def producer(self, name: str) -> str | None:
+        """The stage that makes model `name` (None for the study's inputs A and B)."""
+        if name in self.finetunes:
+            return f"train:{name}"
+        if name in self.merges:
+            return f"merge:{name}"
+        if name in self.destroyed:
+            return f"destroy:{name}"
+        return None
+
+    def fingerprint(self, name: str) -> str:
+        from ..checkpoint import cached_fingerprint
+
+        return cached_fingerprint(self.model_path(name))
+
+    def _needs(self, *models: str) -> list[str]:
+        return [p for p in map(self.producer, models) if p]
+
+    # -- stages ------------------------------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        s = self.study
+        stages = [self._train_stage(f.name) for f in s.finetune]
+        stages += [self._merge_stage(m.name) for m in s.merges]
+        stages += [self._destroy_stage(name) for name in self.destroyed]
+        if s.delta:
+            stages += [self._delta_stage(name) for name in ([REASONING] if s.reasoning else []) + list(self.finetunes)]
+        stages += [self._eval_stage(name) for name in s.model_names()]
+        stages.append(self._report_stage([st.name for st in stages]))
+        return stages
+
+    # training
+    def _train_args(self, name: str) -> list[str]:
+        f = self.finetunes[name]
+        return ["--config", f.recipe, "--model_name_or_path", self.study.base, "--output_dir",
+                str(self.out / "train" / name), "--overwrite_output_dir", "true"]
+
+    def train_launch(self, name: str) -> list[str]:
+        """The cluster launch: torchrun with the finetune's processes per node; the recipe carries the engine."""
+        f = self.finetunes[name]
+        launch = ["torchrun"]
+        if f.nnodes > 1:  # started on every node; MASTER = the first node's address, RANK = 0..nnodes-1
+            launch += ["--nnodes", str(f.nnodes), "--node_rank", "$RANK", "--rdzv_backend", "c10d",
+                       "--rdzv_endpoint", "$MASTER:29500"]
+        return launch + ["--nproc_per_node", str(f.nproc_per_node), "-m", "sfn_train.cli", "train",
+                         *self._train_args(name)]
+
+    def _local_launch(self, name: str) -> tuple[list[str], str | None]:
+        """What this machine runs for the finetune, and a line saying so when it is not the cluster launch."""
+        import torch
+
+        f = self.finetunes[name]
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        single = [sys.executable, "-m", "sfn_train.cli", "train", *self._train_args(name)]
+        if gpus == 0:
+            return single, (f"no GPU here: fine-tune {name} trains in one process on the CPU (the cluster launch, "
+                            f"{f.nnodes} node(s) x {f.nproc_per_node}, is in `sfn study --plan`)")
+        if gpus < f.nproc_per_node:
+            raise SfnError(f"fine-tune {name} asks for {f.nproc_per_node} GPUs (nproc_per_node) and this machine has "
+                           f"{gpus}: set nproc_per_node: {gpus} in the study (and check the recipe's effective batch) "
+                           "or run on a node with enough GPUs.")
+        if f.nproc_per_node == 1:
+            return single, None
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(f.nproc_per_node),
+                "-m", "sfn_train.cli", "train", *self._train_args(name)], None
+
+    def _recipe_inputs(self, name: str) -> dict:
+        import yaml
+
+        recipe = Path(self.finetunes[name].recipe)
+        raw = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+        inputs = {"recipe": file_digest(recipe)}
+        for key in ("dataset_name", "deepspeed", "fsdp_config"):  # files the recipe reads are inputs by content
+            value = raw.get(key)
+            if isinstance(value, str) and Path(value).is_file():
+                inputs[key] = file_digest(value)
+            elif isinstance(value, str) and Path(value).is_dir():
+                inputs[key] = {str(p.relative_to(value)): file_digest(p) for p in sorted(Path(value).rglob("*"))
+                               if p.is_file()}
+            elif value is not None:
+                inputs[key] = value
+        return inputs
+
+    def recipe_notes(self, name: str) -> list[str]:
+        import yaml
+
+        f = self.finetunes[name]
+        raw = yaml.safe_load(Path(f.recipe).read_text(encoding="utf-8")) or {}
+        notes = [engine_of(raw)]
+        named = raw.get("model_name_or_path")
+        if named and str(named) != self.study.base:
+            notes.append(f"the recipe names model {named}; the study trains from its base {self.study.base}")
+        return notes
+
+    def _train_stage(self, name: str) -> Stage:
+        folder = self.out / "train" / name
+
+        f = self.finetunes[name]
+        multinode = f.nnodes > 1
+
+        def inputs():
+            if multinode:
+                processes = f"{f.nnodes} x {f.nproc_per_node}"
+            else:
+                command = self._local_launch(name)[0]
+                processes = command[command.index("--nproc_per_node") + 1] if "--nproc_per_node" in command else "1"
+            return {"base": self.fingerprint(BASE), **self._recipe_inputs(name), "processes": processes}
+
+        def build():
+            if multinode:
+                return adopt_multinode_run(folder, f, self.study.base, self.fingerprint(BASE), self.train_launch(name))
+            command, note = self._local_launch(name)
+            if note:
+                self.log(f"note: {note}")
+            return run_training(command, folder, name)
+
+        notes = self.recipe_notes(name)
+        if multinode:
+            notes.append(f"multi-node: start `runs:` on each of the {f.nnodes} nodes (RANK 0..{f.nnodes - 1}, MASTER = "
+                         "node 0's address), then the `--stage` line records the finished run")
+        return Stage(f"train:{name}", "train", f"fine-tune {name} from A", [], inputs, build, folder,
+                     clear=not multinode, gpu=True, commands=[shell_join(self.train_launch(name))], notes=notes)
+
+    # gadgets
+    def _merge_stage(self, name: str) -> Stage:
+        m = self.merges[name]
+        folder = self.out / "merges" / name
+        args = dict(modules=list(m.modules), layers=list(m.layers), alpha=m.alpha)
+        command = ["sfn", "merge", self.study.base, self.model_path(m.donor), "--modules", ",".join(m.modules),
+                   "--layers", ",".join(m.layers), "--alpha", str(m.alpha), "--out", str(folder)]
+
+        def build():
+            from ..gadgets import merge
+
+            merge(self.study.base, self.model_path(m.donor), folder, **args, command=shlex.join(command))
+
+        return Stage(f"merge:{name}", "merge", f"A + {m.donor}'s {','.join(m.modules)}", self._needs(m.donor),
+                     lambda: {"A": self.fingerprint(BASE), "donor": self.fingerprint(m.donor), **args}, build,
+                     folder, commands=[shlex.join(command)])
+
+    def _destroy_stage(self, name: str) -> Stage:
+        d = self.study.destroy
+        mode, module = self.destroyed[name]
+        folder = self.out / "destroy" / name
+        args = dict(modules=module, layers=list(d.layers), mode=mode, seed=d.seed)
+        flags = ["--mode", mode, "--layers", ",".join(d.layers), "--seed", str(d.seed)]
+        if module is not None:
+            flags = ["--modules", module, *flags]
+        if mode == "reinit":
+            args["std"], flags = d.std, flags + ["--std", str(d.std)]
+        elif mode == "noise":
+            args["scale"], flags = d.scale, flags + ["--scale", str(d.scale)]
+        elif mode == "scale":
+            args["factor"], flags = d.factor, flags + ["--factor", str(d.factor)]
+        command = ["sfn", "destroy", self.model_path(d.model), *flags, "--out", str(folder)]
+
+        def build():
+            from ..gadgets import destroy
+
+            destroy(self.model_path(d.model), folder, **args, command=shlex.join(command))
+
+        what = f"{mode} {module or 'whole layers'} of {d.model} in layers {','.join(d.layers)}"
+        return Stage(f"destroy:{name}", "destroy", what, self._needs(d.model),
+                     lambda: {"model": self.fingerprint(d.model), **args}, build, folder,
+                     commands=[shlex.join(command)])
+
+    def _delta_stage(self, name: str) -> Stage:
+        folder = self.out / "delta" / name
+        command = ["sfn", "delta", self.study.base, self.model_path(name), "--out", str(folder)]
+
+        def build():
+            from ..gadgets import delta
+
+            delta(self.study.base, self.model_path(name), folder, quiet=True)
+
+        return Stage(f"delta:{name}", "delta", f"A -> {name}", self._needs(name),
+                     lambda: {"A": self.fingerprint(BASE), "B": self.fingerprint(name)}, build, folder,
+                     commands=[shlex.join(command)])
+
+    # evaluation
+    def eval_options(self, name: str):
+        return (self.destroy_ns, self.destroy_eval) if name in self.destroyed else (self.eval_ns, self.study.eval)
+
+    def _eval_stage(self, name: str) -> Stage:
+        from .evalopts import eval_flags
+
+        folder = self.out / "evals" / name
+        ns, options = self.eval_options(name)
+        command = ["sfn", "eval", self.model_path(name), "--label", name,
+                   *[x for t in self.study.tasks for x in ("--task", str(t))], "--out", str(folder),
+                   *eval_flags(options)]
+
+        def inputs():
+            return {"model": self.fingerprint(name), "tasks": self._task_digests(ns),
+                    "options": {k: v for k, v in sorted(vars(ns).items())
+                                if k not in ("models", "task", "task_file", "out", "label", "no_progress")}}
+
+        def build():
+            from ..evaluation import evaluate
+            from ..evaluation.cli import evaluate_kwargs
+
+            evaluate([{"path": self.model_path(name), "label": name}], list(self.study.tasks), folder,
+                     **evaluate_kwargs(ns))
+
+        return Stage(f"eval:{name}", "eval", f"model {name} on {', '.join(map(str, self.study.tasks))}",
+                     self._needs(name), inputs, build, folder, gpu=not ns.device.startswith("cpu"),
+                     commands=[shlex.join(command)])
+
+    def _task_digests(self, ns) -> dict:
+        """Each task by content (problems, template, answer type), so an edited task file is a new input."""
+        import hashlib
+        import json
+
+        from ..evaluation.cli import evaluate_kwargs
+        from ..evaluation.tasks import load_task
+
+        kwargs = evaluate_kwargs(ns)
+        digests = {}
+        for t in self.study.tasks:
+            task = load_task(str(t), task_files=kwargs["task_files"], answer_type=kwargs["answer_type"],
+                             limit=kwargs["limit"])
+            blob = json.dumps([task.name, task.answer_type, task.template, task.problems], sort_keys=True, default=str)
+            digests[task.name] = "sha256:" + hashlib.sha256(blob.encode()).hexdigest()  # by content, not path
+        return digests
+
+    # report
+    def _report_stage(self, upstream: list[str]) -> Stage:
+        def inputs():
+            # run ids, not keys: a stage redone with the same inputs (after a kill) may still give other numbers
+            return {"upstream": {n: (self.runner.marker(n) or {}).get("run_id") for n in upstream},
+                    "baseline": self.baseline, "study_file": file_digest(self.study_file)}
+
+        def build():
+            from .summary import write_report
+
+            write_report(self)
+
+        command = ["sfn", "study", str(self.study_file), "--stage", "report"]
+        if self.out != Path(self.study.out):
+            command += ["--out", str(self.out)]
+        return Stage("report", "report", "report.md from every result", upstream, inputs, build, None,
+                     commands=[shlex.join(command)])
+
+    # -- running -----------------------------------------------------------------------------------------------------
+    @property
+    def runner(self) -> StageRunner:
+        if not hasattr(self, "_runner"):
+            self._runner = StageRunner(self.stages(), self.out / MARKERS, self.log, prefix="study")
+        return self._runner
+
+    def select(self, stage: str | None) -> list[str] | None:
+        """`--stage` NAME: one stage (`eval:oproj`) or every stage of a kind (`eval`); None = all."""
+        if stage is None:
+            return None
+        names = self.runner.order
+        if stage in names:
+            return [stage]
+        if stage in KINDS or stage == "gadgets":
+            kinds = ("merge", "destroy", "delta") if stage == "gadgets" else (stage,)
+            chosen = [n for n in names if self.runner.stages[n].kind in kinds]
+            if chosen:
+                return chosen
+            raise SfnError(f"--stage {stage}: this study has no {stage} stage.")
+        raise SfnError(f"--stage {stage!r} is not a stage of this study; the stages are: {', '.join(names)} "
+                       f"(or a kind: {', '.join(KINDS)}, gadgets).")
+
+    def run(self, stage: str | None = None) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        return self.runner.run(self.select(stage), check_upstream=stage is not None)
+
+
+def shell_join(tokens: list[str]) -> str:
+    """A command line to paste into a shell: quoted as shlex does, except `$VAR` tokens the shell must expand."""
+    return " ".join(t if re.fullmatch(r"\$[A-Z_]+(:\d+)?", t) else shlex.quote(t) for t in tokens)
+
+
+def engine_of(raw: dict) -> str:
+    """The distributed engine a recipe asks for, from its `deepspeed` / `fsdp` keys (what torchrun will run)."""
+    import json
+
+    ds = raw.get("deepspeed")
+    if ds:
+        stage = "?"
+        try:
+            stage = json.loads(Path(ds).read_text()).get("zero_optimization", {}).get("stage", 0)
+        except (OSError, ValueError, TypeError):
+            pass
+        offload = " with offload" if "offload" in str(ds) else ""
+        return f"engine: DeepSpeed ZeRO-{stage}{offload} (recipe key deepspeed: {ds})"
+    if raw.get("fsdp"):
+        config = raw.get("fsdp_config")
+        version = config.get("fsdp_version", config.get("version", 1)) if isinstance(config, dict) else None
+        return f"engine: FSDP{version or ''} (recipe keys fsdp: {raw['fsdp']}, fsdp_config: {config})"
+    return "engine: DDP (the recipe names no deepspeed or fsdp config)"
+
+
+def run_training(command: list[str], folder: Path, name: str) -> dict:
+    """Run one training command; return its wall time and peak memory (the largest process's RSS, and the GPU
+    peak the run recorded), or fail in one line if it did not finish."""
+    import json
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env=env)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code != 0:
+        raise SfnError(f"training fine-tune {name} failed (exit {code}); its output is above. Fix it and rerun the "
+                       "study: finished stages are kept.")
+    manifest_file = folder / "sfn_manifest.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    if manifest.get("status") != "complete":
+        raise SfnError(f"training fine-tune {name} exited without a complete manifest in {folder}; rerun the study.")
+    return {"wall_s": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "command": command[1:] if command[0] == sys.executable else command}
+
+
+def adopt_multinode_run(folder: Path, finetune, base: str, base_fingerprint: str, launch: list[str]) -> dict:
+    """Record a multi-node training run launched outside the study (torchrun on each node), after checking that
+    `folder` holds a finished run of this recipe, from this base, with the planned number of processes, made after
+    the recipe was last changed; otherwise say in one line what to launch."""
+    import json
+    from datetime import datetime
+
+    how = (f"fine-tune {finetune.name} trains on {finetune.nnodes} nodes, which one `sfn study` process cannot start: "
+           f"run `{shell_join(launch)}` on each node, then this stage again to record the run")
+    manifest_file = folder / "sfn_manifest.json"
+    if not manifest_file.is_file():
+        raise SfnError(f"{how} ({folder} holds no run yet).")
+    manifest = json.loads(manifest_file.read_text())
+    command = manifest.get("command") or []
+
+    def flag(name):
+        return command[command.index(name) + 1] if name in command[:-1] else None
+
+    problems = []
+    if manifest.get("status") != "complete":
+        problems.append(f"its manifest says status {manifest.get('status')!r}")
+    if flag("--config") != finetune.recipe or flag("--model_name_or_path") != base:
+        problems.append(f"it was launched with --config {flag('--config')} --model_name_or_path "
+                        f"{flag('--model_name_or_path')}")
+    if (manifest.get("base") or {}).get("fingerprint") not in (None, base_fingerprint):
+        problems.append("it was trained from another base (fingerprint)")
+    if manifest.get("world_size") != finetune.nnodes * finetune.nproc_per_node:
+        problems.append(f"it ran {manifest.get('world_size')} processes, not {finetune.nnodes * finetune.nproc_per_node}")
+    written = manifest.get("written_at")
+    if written and datetime.fromisoformat(written).timestamp() < Path(finetune.recipe).stat().st_mtime:
+        problems.append("the recipe changed after it finished")
+    if problems:
+        raise SfnError(f"{how} ({folder} holds a run that does not match: {'; '.join(problems)}).")
+    return {"adopted": True, "command": launch}
