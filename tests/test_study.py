@@ -125,7 +125,8 @@ def test_study_runs_every_stage_and_reports_every_model(first_run, inputs):
     assert f"| m1_oproj | o_proj | {m1['pass_at_1']:.3f} [{m1['ci_low']:.3f}, {m1['ci_high']:.3f}]" in report
     findings = [line for line in sections["What this study found"].splitlines() if line.startswith("- ")]
     assert any(line.startswith("- sums: B (reasoning) scores") for line in findings)
-    assert any(line.startswith("- Delta A -> oproj: the largest mean relative change is in o_proj") for line in findings)
+    assert any(line.startswith("- Delta A -> oproj: the largest mean relative change is in o_proj")
+               for line in findings)
     for image in ("compare_accuracy.png", "delta/reasoning/delta_l2_by_role.png"):
         assert f"]({image})" in report and (out / image).is_file()
 
@@ -172,7 +173,8 @@ def test_kill_during_evaluation_then_rerun_gives_the_same_report(first_run, inpu
     try:
         for line in proc.stdout:
             seen.append(line)
-            if "eval:reasoning (" in line and line.rstrip().endswith("after it"):  # eval:base done, eval:reasoning going
+            # eval:base is done and eval:reasoning has started
+            if "eval:reasoning (" in line and line.rstrip().endswith("after it"):
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
     finally:
@@ -317,7 +319,8 @@ def _study(tmp_path: Path, **changes) -> Path:
 @pytest.mark.parametrize("changes, message", [
     ({"merge": [{"name": "x", "modules": ["o_proj"]}]}, "has unknown key(s) merge: the keys are base, tasks,"),
     ({"merges": [{"name": "m1", "module": ["o_proj"]}]}, "merges[0] has unknown key(s) module: the keys are name,"),
-    ({"merges": [{"name": "m1", "modules": ["o_proj"], "alpha": "half"}]}, "merges[0].alpha takes a number, not 'half'"),
+    ({"merges": [{"name": "m1", "modules": ["o_proj"], "alpha": "half"}]},
+     "merges[0].alpha takes a number, not 'half'"),
     ({"merges": [{"name": "m1", "modules": ["o_proj"], "layers": "5-2"}]}, "merges[0] (m1): trainable_layers range "),
     ({"merges": [{"name": "oproj", "modules": ["o_proj"]}]}, "two models of the study are named 'oproj'"),
     ({"merges": [{"name": "m1", "modules": ["o_proj"], "donor": "f9"}]}, "donor 'f9' is neither `reasoning` nor"),
@@ -413,3 +416,52 @@ def test_stage_runner_redoes_changed_and_half_done_stages_only(tmp_path):
     fail_in.clear()
     assert runner().run()["ran"] == ["make:a", "use:a"]  # redone, on a cleared folder (build_a's mkdir insists)
     assert (tmp_path / "a" / "done.txt").read_text() == "3"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Findings chosen by the numbers
+
+
+def _result(correct: list[bool], level: str = "III", tokens: float = 100.0) -> dict:
+    n, k = len(correct), sum(correct)
+    return {"summary": {"pass_at_1": k / n, "ci_low": 0.0, "ci_high": 1.0, "n_problems": n, "mean_tokens": tokens,
+                        "level_shares": {level: 1.0}},
+            "problems": [{"id": str(i), "samples": [{"correct": c, "level": "IV" if c else level}]}
+                         for i, c in enumerate(correct)]}
+
+
+def test_findings_follow_the_numbers():
+    from sfn_train.evaluation.tables import ModelEntry, findings
+
+    n = 40
+
+    def entry(name, group, k, level="III", tokens=100.0, training=None, destroy=None):
+        return ModelEntry(name, group, name, {"t": _result([i < k for i in range(n)], level, tokens)}, training,
+                          destroy)
+
+    full = {"trainable_fraction": 1.0, "steps_per_s": 1.0, "peak_memory_mb": 1000.0}
+    oproj = {"trainable_fraction": 0.08, "steps_per_s": 2.0, "peak_memory_mb": 600.0}
+    entries = [entry("base", "base", 4), entry("reasoning", "reasoning", 36),
+               entry("full", "finetune", 30, training=full), entry("oproj", "finetune", 17, training=oproj),
+               entry("m1", "merge", 20, tokens=300.0), entry("m2", "merge", 4),
+               entry("zero_o_proj", "destroy", 0, "III", destroy=("zero", "o_proj")),
+               entry("zero_q_proj", "destroy", 0, "I", destroy=("zero", "q_proj")),
+               entry("zero_up_proj", "destroy", 0, "I", destroy=("zero", "up_proj"))]
+    said = findings(entries, ["t"], "full")
+    assert said[0] == "t: B (reasoning) scores 0.900 and A (base) 0.100: B is better than A (Δ +0.800, p<0.001)."
+    assert not any(s.startswith("Fine-tune full") for s in said)  # the baseline is not compared with itself
+    oproj_line = next(s for s in said if s.startswith("Fine-tune oproj"))
+    assert "t 0.425, worse than full (Δ -0.325, p<0.001)" in oproj_line
+    assert "recovers 50% of full's significant gain over A on t" in oproj_line  # (17 - 4) / (30 - 4)
+    assert "it trained at 2.00x the steps/s and 0.60x the peak memory of full" in oproj_line
+    merges = next(s for s in said if s.startswith("t: merges into A"))
+    assert "significantly better than A: m1" in merges and "writes 300 tokens per response vs A's 100" in merges
+    destruction = next(s for s in said if s.startswith("t, zero:"))
+    assert "stay on task (level III/IV) with o_proj damaged and degrade to level I/II with q_proj, up_proj" in destruction
+    assert "As in the paper, damaging o_proj is milder" in destruction
+    # the same study where B gained nothing: no share of a gain is claimed
+    entries[1] = entry("reasoning", "reasoning", 4)
+    entries[2] = entry("full", "finetune", 4, training=full)
+    said = findings(entries, ["t"], "full")
+    assert "no significant difference (p=1.000), so nothing below can show" in said[0]
+    assert not any("recovers" in s for s in said)

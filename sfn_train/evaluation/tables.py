@@ -279,7 +279,8 @@ def findings(entries: list[ModelEntry], tasks: list[str], baseline: str, deltas:
                 if not mild:
                     line = f"{task}, {mode}: damaging any of {', '.join(severe)} degrades responses to level I/II"
                 elif not severe:
-                    line = f"{task}, {mode}: responses stay on task (level III/IV) whichever of {', '.join(mild)} is damaged"
+                    line = (f"{task}, {mode}: responses stay on task (level III/IV) whichever of {', '.join(mild)} "
+                            "is damaged")
                 else:
                     line = (f"{task}, {mode}: responses stay on task (level III/IV) with {', '.join(mild)} damaged and "
                             f"degrade to level I/II with {', '.join(severe)}")
@@ -309,6 +310,7 @@ def findings(entries: list[ModelEntry], tasks: list[str], baseline: str, deltas:
     widths = [(r["summary"]["ci_high"] - r["summary"]["ci_low"]) / 2 for e in entries for r in e.results.values()]
     if widths:
         n = statistics.median(r["summary"]["n_problems"] for e in entries for r in e.results.values())
-        out.append(f"Resolution: with a median of {n:g} problems per task, the 95% CIs are ±{statistics.median(widths):.3f} "
+        out.append(f"Resolution: with a median of {n:g} problems per task, the 95% CIs are "
+                   f"±{statistics.median(widths):.3f} "
                    "wide (median); differences smaller than that are not distinguishable from noise here.")
     return out

@@ -405,7 +405,8 @@ def adopt_multinode_run(folder: Path, finetune, base: str, base_fingerprint: str
     if (manifest.get("base") or {}).get("fingerprint") not in (None, base_fingerprint):
         problems.append("it was trained from another base (fingerprint)")
     if manifest.get("world_size") != finetune.nnodes * finetune.nproc_per_node:
-        problems.append(f"it ran {manifest.get('world_size')} processes, not {finetune.nnodes * finetune.nproc_per_node}")
+        planned = finetune.nnodes * finetune.nproc_per_node
+        problems.append(f"it ran {manifest.get('world_size')} processes, not {planned}")
     written = manifest.get("written_at")
     if written and datetime.fromisoformat(written).timestamp() < Path(finetune.recipe).stat().st_mtime:
         problems.append("the recipe changed after it finished")

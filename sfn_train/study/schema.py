@@ -76,7 +76,8 @@ class Study:
     merges: list[Merge] = field(default_factory=list, metadata={"help": "A with modules of B (or of a fine-tune)"})
     destroy: Destroy | None = field(default=None, metadata={"help": "the destruction grid"})
     delta: bool = field(default=False, metadata={"help": "weight change A -> B and A -> each fine-tune"})
-    eval: dict = field(default_factory=dict, metadata={"help": "any `sfn eval` option, e.g. {backend: vllm, samples: 4}"})
+    eval: dict = field(default_factory=dict,
+                       metadata={"help": "any `sfn eval` option, e.g. {backend: vllm, samples: 4}"})
     baseline: str | None = field(default=None, metadata={
         "help": "model the comparisons test against (default: reasoning, else base)"})
     out: str | None = field(default=None, metadata={"help": "output folder (default studies/<file name>)"})
@@ -291,8 +292,8 @@ def schema_help() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            default = "required" if required else (
-                f"default {f.default!r}" if f.default is not dataclasses.MISSING else f"default {f.default_factory()!r}")
+            value = f.default if f.default is not dataclasses.MISSING else (None if required else f.default_factory())
+            default = "required" if required else f"default {value!r}"
             lines.append(f"  {f.name:<15} {_type_name(hints[f.name])}; {default}. {f.metadata.get('help', '')}")
         lines.append("")
     return "\n".join(lines)

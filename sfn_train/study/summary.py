@@ -152,7 +152,8 @@ def report_from_record(record: dict, out: Path) -> Path:
               f"{ev['temperature']}, top_p {ev['top_p']}, at most {ev['max_new_tokens']} new tokens"
               + (f", budget forcing {ev['budget_forcing']}" if ev["budget_forcing"] else "")
               + (f", first {ev['limit']} problems of each task" if ev["limit"] else "")
-              + (f"; the destroyed models with {_options(record['eval_destroyed'])}" if record["eval_destroyed"] else "")
+              + (f"; the destroyed models with {_options(record['eval_destroyed'])}"
+                 if record["eval_destroyed"] else "")
               + ". pass@1 is averaged over samples, with a 95% bootstrap CI over problems (W: a Wilson interval where "
               "every problem scored the same); Δ is a paired bootstrap over the problems both models answered "
               "(p<0.001 is the test's resolution). Levels I/II/III/IV: degenerate, off task, on task but wrong, "
