@@ -53,7 +53,6 @@ class Stage:
     build: Callable[[], dict | None]
     folder: Path | None = None
     clear: bool = True  # False: the folder is written by a launch outside the stage, which `build` only records
-    gpu: bool = False
     commands: list[str] = field(default_factory=list)  # what a cluster user would launch for it (`--plan`)
     notes: list[str] = field(default_factory=list)
 

@@ -176,7 +176,7 @@ class StudyPipeline:
             notes.append(f"multi-node: start `runs:` on each of the {f.nnodes} nodes (RANK 0..{f.nnodes - 1}, MASTER = "
                          "node 0's address), then the `--stage` line records the finished run")
         return Stage(f"train:{name}", "train", f"fine-tune {name} from A", [], inputs, build, folder,
-                     clear=not multinode, gpu=True, commands=[shell_join(self.train_launch(name))], notes=notes)
+                     clear=not multinode, commands=[shell_join(self.train_launch(name))], notes=notes)
 
     # gadgets
     def _merge_stage(self, name: str) -> Stage:
@@ -260,7 +260,7 @@ class StudyPipeline:
                      **evaluate_kwargs(ns))
 
         return Stage(f"eval:{name}", "eval", f"model {name} on {', '.join(map(str, self.study.tasks))}",
-                     self._needs(name), inputs, build, folder, gpu=not ns.device.startswith("cpu"),
+                     self._needs(name), inputs, build, folder,
                      commands=[shlex.join(command)])
 
     def _task_digests(self, ns) -> dict:

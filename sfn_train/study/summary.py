@@ -8,6 +8,7 @@ the same record (the lab's, over its generated data) gets the same report. Table
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..errors import SfnError
 from ..evaluation import compare, load_result
 from ..evaluation.tables import (ModelEntry, delta_table, destruction_table, findings, finetune_table,
                                  merge_table)
-from ..manifest import write_json
+from ..manifest import git_revision, versions, write_json
 
 RECORD_FILE = "study_run.json"
 FORMAT = "sfn-study-run/1"
@@ -74,6 +75,9 @@ def build_record(pipe) -> dict:
                    for n in (s.split(":", 1)[1] for s in runner.order if s.startswith("delta:"))},
         "stages": [{"name": n, "seconds": (runner.marker(n) or {}).get("seconds")} for n in runner.order
                    if n != "report"],
+        "study": dataclasses.asdict(study),
+        "versions": versions(),
+        "git": git_revision(),
     }
 
 
