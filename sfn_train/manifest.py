@@ -3,7 +3,7 @@
 Every output carries the same provenance fields (`PROVENANCE_FIELDS`), then the fields of its kind:
 
 - `schema`: `sfn-manifest/1`
-- `kind`: `train`, `merge`, `destroy`, `plugin apply`, `delta` or `eval`
+- `kind`: `train`, `merge`, `destroy`, `plugin apply`, `delta`, `eval` or `study`
 - `written_at`: when this record was written (UTC, ISO 8601 to the second)
 - `command`: the command line that produced it, shell-quoted
 - `sfn_train_version`: the running package's version
@@ -28,7 +28,7 @@ from pathlib import Path
 
 MANIFEST_FILE = "sfn_manifest.json"
 SCHEMA = "sfn-manifest/1"
-KINDS = ("train", "merge", "destroy", "plugin apply", "delta", "eval")
+KINDS = ("train", "merge", "destroy", "plugin apply", "delta", "eval", "study")
 PROVENANCE_FIELDS = ("schema", "kind", "written_at", "command", "sfn_train_version", "versions", "git")
 _PACKAGES = ("sfn-train", "torch", "transformers", "trl", "deepspeed", "accelerate", "datasets", "safetensors",
              "bitsandbytes", "flash-attn", "math-verify", "vllm", "numpy")

@@ -18,6 +18,7 @@ import yaml
 
 from conftest import REPO, one_line_error, write_recipe
 from sfn_train.cli import main
+from sfn_train.manifest import manifest_problems
 
 STAGES = ["train:oproj", "merge:m1_oproj", "merge:m2_qkv", "destroy:zero_o_proj", "destroy:zero_up_proj",
           "destroy:reinit_o_proj", "destroy:reinit_up_proj", "delta:reasoning", "delta:oproj", "eval:base",
@@ -129,6 +130,11 @@ def test_study_runs_every_stage_and_reports_every_model(first_run, inputs):
                for line in findings)
     for image in ("compare_accuracy.png", "delta/reasoning/delta_l2_by_role.png"):
         assert f"]({image})" in report and (out / image).is_file()
+    # the folder explains itself: the run record in the one manifest schema, each result with the command it ran
+    record = json.loads((out / "study_run.json").read_text())
+    assert manifest_problems(record) == [] and record["kind"] == "study" and len(record["models"]) == len(MODELS)
+    m1 = json.loads((out / "evals" / "m1_oproj" / "m1_oproj__sums.json").read_text())
+    assert m1["command"].startswith(f"sfn eval {out / 'merges' / 'm1_oproj'} --label m1_oproj --task ")
 
 
 @pytest.mark.slow

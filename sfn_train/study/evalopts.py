@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 
 from ..errors import SfnError
-from .schema import EVAL_OWN_OPTIONS
+
+# `sfn eval` options that the study sets itself, per model
+EVAL_OWN_OPTIONS = ("models", "task", "out", "label", "plugin", "force")
 
 
 def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

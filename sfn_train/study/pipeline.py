@@ -257,7 +257,7 @@ class StudyPipeline:
             from ..evaluation.cli import evaluate_kwargs
 
             evaluate([{"path": self.model_path(name), "label": name}], list(self.study.tasks), folder,
-                     **evaluate_kwargs(ns))
+                     command=shlex.join(command), **evaluate_kwargs(ns))
 
         return Stage(f"eval:{name}", "eval", f"model {name} on {', '.join(map(str, self.study.tasks))}",
                      self._needs(name), inputs, build, folder,
@@ -391,7 +391,8 @@ def adopt_multinode_run(folder: Path, finetune, base: str, base_fingerprint: str
     if not manifest_file.is_file():
         raise SfnError(f"{how} ({folder} holds no run yet).")
     manifest = json.loads(manifest_file.read_text())
-    command = manifest.get("command") or []
+    command = manifest.get("command") or ""
+    command = shlex.split(command) if isinstance(command, str) else list(command)
 
     def flag(name):
         return command[command.index(name) + 1] if name in command[:-1] else None

@@ -18,8 +18,6 @@ from ..errors import SfnError
 BASE, REASONING = "base", "reasoning"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 DESTROY_MODES = ("zero", "reinit", "remove", "noise", "scale")
-# `sfn eval` options that the study sets itself, per model
-EVAL_OWN_OPTIONS = ("models", "task", "out", "label", "plugin")
 
 
 @dataclass

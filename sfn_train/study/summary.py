@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 from pathlib import Path
 
 from ..errors import SfnError
 from ..evaluation import compare, load_result
 from ..evaluation.tables import (ModelEntry, delta_table, destruction_table, findings, finetune_table,
                                  merge_table)
-from ..manifest import git_revision, versions, write_json
+from ..manifest import new_manifest, write_json
 
 RECORD_FILE = "study_run.json"
 FORMAT = "sfn-study-run/1"
@@ -56,7 +57,8 @@ def build_record(pipe) -> dict:
                          destroy=[mode, module])
         models.append(entry)
     ns = pipe.eval_ns
-    return {
+    command = shlex.join(["sfn", "study", str(pipe.study_file), "--out", str(out)])
+    return new_manifest("study", command, **{
         "format": FORMAT,
         "title": pipe.study_file.stem,
         "study_file": str(pipe.study_file),
@@ -76,9 +78,7 @@ def build_record(pipe) -> dict:
         "stages": [{"name": n, "seconds": (runner.marker(n) or {}).get("seconds")} for n in runner.order
                    if n != "report"],
         "study": dataclasses.asdict(study),
-        "versions": versions(),
-        "git": git_revision(),
-    }
+    })
 
 
 def _layers(layers: list[str]) -> str:
