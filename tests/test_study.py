@@ -263,6 +263,25 @@ def test_inputs_by_content_key_the_stages(first_run, inputs, tmp_path):
     shutil.copy(inputs["root"] / "oproj.yaml", recipe)
     task.write_text(task.read_text().replace('"answer": "', '"answer": "1'))
     assert done() == {"train:oproj": True, "merge:m1_oproj": True, "eval:base": False, "eval:oproj": False}
+    # an accelerate launcher's config file (and the DeepSpeed file it names) is an input of the training stage too
+    shutil.copy(inputs["raw"]["tasks"][0], task)
+    accelerate, zero3 = tmp_path / "accelerate.yaml", tmp_path / "zero3.json"
+    shutil.copy(REPO / "ds_configs" / "zero3.json", zero3)
+    accelerate.write_text((REPO / "ds_configs" / "accelerate_zero3.yaml").read_text().replace(
+        "ds_configs/zero3.json", str(zero3)))
+    study.write_text(yaml.safe_dump({**raw, "finetune": [{**raw["finetune"][0], "accelerate_config": str(accelerate)}]}))
+
+    def keys() -> dict[str, str]:
+        runner = StudyPipeline(load_study(study), study, first_run["out"], log=lambda _: None).runner
+        return {name: runner.key(name) for name in ("train:oproj", "merge:m1_oproj")}
+
+    before = keys()
+    accelerate.write_text(accelerate.read_text().replace("zero3_init_flag: true", "zero3_init_flag: false"))
+    after_config = keys()
+    zero3.write_text(zero3.read_text().replace('"stage": 3', '"stage": 3 '))
+    after_zero3 = keys()
+    assert len({before["train:oproj"], after_config["train:oproj"], after_zero3["train:oproj"]}) == 3
+    assert before["merge:m1_oproj"] == after_config["merge:m1_oproj"] == after_zero3["merge:m1_oproj"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -288,6 +307,21 @@ def test_plan_prints_every_stage_with_its_command_and_hardware(inputs, capsys):
     assert waves == ["## wave 1: 10 stage(s), independent of each other",
                      "## wave 2: 8 stage(s), independent of each other",
                      "## wave 3: 1 stage(s), independent of each other"]
+
+
+def test_plan_launches_with_accelerate_when_the_finetune_names_its_config(tmp_path, capsys):
+    config = REPO / "ds_configs" / "accelerate_zero3.yaml"
+    path = _study(tmp_path, finetune=[{"name": "oproj", "recipe": str(tmp_path / "r.yaml"), "nnodes": 2,
+                                       "nproc_per_node": 4, "accelerate_config": str(config)}])
+    assert main(["study", str(path), "--plan"]) == 0
+    plan = capsys.readouterr().out
+    assert ("[train:oproj]  GPU: 2 node(s) x 4 GPUs" in plan and
+            f"runs: accelerate launch --config_file {config} --num_processes 8 --num_machines 2 --machine_rank $RANK "
+            f"--main_process_ip $MASTER --main_process_port 29500 -m sfn_train.cli train --config {tmp_path / 'r.yaml'}"
+            " --model_name_or_path org/base --output_dir studies/study/train/oproj" in plan), plan
+    assert (f"launcher: accelerate launch --config_file {config} (distributed_type DEEPSPEED, DeepSpeed config "
+            "ds_configs/zero3.json)" in plan)
+    assert "torchrun" not in plan
 
 
 def test_plan_of_the_table1_study_launches_deepspeed_and_vllm(monkeypatch, capsys):
@@ -343,6 +377,8 @@ def _study(tmp_path: Path, **changes) -> Path:
     ({"baseline": "nobody"}, "baseline 'nobody' is not a model of the study (base, reasoning, oproj, m1, zero_o_proj)"),
     ({"finetune": [{"name": "oproj", "recipe": "no/such.yaml"}]}, "finetune[0] (oproj): recipe no/such.yaml does not"),
     ({"finetune": [{"name": "base", "recipe": "r.yaml"}]}, "model name 'base' is reserved"),
+    ({"finetune": [{"name": "oproj", "recipe": "r.yaml", "accelerate_config": "no/acc.yaml"}]},
+     "accelerate_config no/acc.yaml does not exist"),
 ])
 def test_bad_study_file_is_one_line(tmp_path, capsys, changes, message):
     path = _study(tmp_path, **changes)

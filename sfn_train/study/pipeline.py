@@ -93,8 +93,12 @@ class StudyPipeline:
                 str(self.out / "train" / name), "--overwrite_output_dir", "true"]
 
     def train_launch(self, name: str) -> list[str]:
-        """The cluster launch: torchrun with the finetune's processes per node; the recipe carries the engine."""
+        """The cluster launch: torchrun (or `accelerate launch` with the fine-tune's accelerate_config) with its
+        processes per node and nodes; the recipe carries the engine."""
         f = self.finetunes[name]
+        if f.accelerate_config is not None:
+            return ["accelerate", "launch", *self._accelerate_flags(name, multinode=f.nnodes > 1),
+                    "-m", "sfn_train.cli", "train", *self._train_args(name)]
         launch = ["torchrun"]
         if f.nnodes > 1:  # started on every node; MASTER = the first node's address, RANK = 0..nnodes-1
             launch += ["--nnodes", str(f.nnodes), "--node_rank", "$RANK", "--rdzv_backend", "c10d",
@@ -102,24 +106,39 @@ class StudyPipeline:
         return launch + ["--nproc_per_node", str(f.nproc_per_node), "-m", "sfn_train.cli", "train",
                          *self._train_args(name)]
 
-    def _local_launch(self, name: str) -> tuple[list[str], str | None]:
-        """What this machine runs for the finetune, and a line saying so when it is not the cluster launch."""
+    def _accelerate_flags(self, name: str, multinode: bool) -> list[str]:
+        """Processes and machines on the command line, so they win over the config file's num_processes."""
+        f = self.finetunes[name]
+        flags = ["--config_file", f.accelerate_config, "--num_processes", str(f.nnodes * f.nproc_per_node),
+                 "--num_machines", str(f.nnodes)]
+        if multinode:  # started on every node; MASTER = the first node's address, RANK = 0..nnodes-1
+            flags += ["--machine_rank", "$RANK", "--main_process_ip", "$MASTER", "--main_process_port", "29500"]
+        return flags
+
+    def _local_launch(self, name: str) -> tuple[list[str], str | None, int]:
+        """What this machine runs for the finetune, a line saying so when it is not the cluster launch, and the
+        number of training processes."""
         import torch
 
         f = self.finetunes[name]
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         single = [sys.executable, "-m", "sfn_train.cli", "train", *self._train_args(name)]
         if gpus == 0:
-            return single, (f"no GPU here: fine-tune {name} trains in one process on the CPU (the cluster launch, "
-                            f"{f.nnodes} node(s) x {f.nproc_per_node}, is in `sfn study --plan`)")
+            launcher = f"accelerate launch --config_file {f.accelerate_config}" if f.accelerate_config else "torchrun"
+            return single, (f"no GPU here: fine-tune {name} trains in one process on the CPU, without {launcher} "
+                            f"(the cluster launch, {f.nnodes} node(s) x {f.nproc_per_node}, is in `sfn study "
+                            "--plan`)"), 1
         if gpus < f.nproc_per_node:
             raise SfnError(f"fine-tune {name} asks for {f.nproc_per_node} GPUs (nproc_per_node) and this machine has "
                            f"{gpus}: set nproc_per_node: {gpus} in the study (and check the recipe's effective batch) "
                            "or run on a node with enough GPUs.")
+        if f.accelerate_config is not None:
+            return [sys.executable, "-m", "accelerate.commands.launch", *self._accelerate_flags(name, False),
+                    "-m", "sfn_train.cli", "train", *self._train_args(name)], None, f.nproc_per_node
         if f.nproc_per_node == 1:
-            return single, None
+            return single, None, 1
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(f.nproc_per_node),
-                "-m", "sfn_train.cli", "train", *self._train_args(name)], None
+                "-m", "sfn_train.cli", "train", *self._train_args(name)], None, f.nproc_per_node
 
     def _recipe_inputs(self, name: str) -> dict:
         import yaml
@@ -136,6 +155,13 @@ class StudyPipeline:
                                if p.is_file()}
             elif value is not None:
                 inputs[key] = value
+        accelerate = self.finetunes[name].accelerate_config
+        if accelerate is not None:  # the launcher's config, and the DeepSpeed config it names, by content
+            inputs["accelerate_config"] = file_digest(accelerate)
+            ds = (yaml.safe_load(Path(accelerate).read_text(encoding="utf-8")) or {}).get("deepspeed_config") or {}
+            ds_file = ds.get("deepspeed_config_file") if isinstance(ds, dict) else None
+            if isinstance(ds_file, str) and Path(ds_file).is_file():
+                inputs["accelerate_deepspeed_config"] = file_digest(ds_file)
         return inputs
 
     def recipe_notes(self, name: str) -> list[str]:
@@ -144,6 +170,8 @@ class StudyPipeline:
         f = self.finetunes[name]
         raw = yaml.safe_load(Path(f.recipe).read_text(encoding="utf-8")) or {}
         notes = [engine_of(raw)]
+        if f.accelerate_config is not None:
+            notes.append(launcher_of(f.accelerate_config))
         named = raw.get("model_name_or_path")
         if named and str(named) != self.study.base:
             notes.append(f"the recipe names model {named}; the study trains from its base {self.study.base}")
@@ -159,14 +187,13 @@ class StudyPipeline:
             if multinode:
                 processes = f"{f.nnodes} x {f.nproc_per_node}"
             else:
-                command = self._local_launch(name)[0]
-                processes = command[command.index("--nproc_per_node") + 1] if "--nproc_per_node" in command else "1"
+                processes = str(self._local_launch(name)[2])
             return {"base": self.fingerprint(BASE), **self._recipe_inputs(name), "processes": processes}
 
         def build():
             if multinode:
                 return adopt_multinode_run(folder, f, self.study.base, self.fingerprint(BASE), self.train_launch(name))
-            command, note = self._local_launch(name)
+            command, note, _ = self._local_launch(name)
             if note:
                 self.log(f"note: {note}")
             return run_training(command, folder, name)
@@ -349,6 +376,25 @@ def engine_of(raw: dict) -> str:
         version = config.get("fsdp_version", config.get("version", 1)) if isinstance(config, dict) else None
         return f"engine: FSDP{version or ''} (recipe keys fsdp: {raw['fsdp']}, fsdp_config: {config})"
     return "engine: DDP (the recipe names no deepspeed or fsdp config)"
+
+
+def launcher_of(accelerate_config: str) -> str:
+    """What an accelerate config file launches (its distributed_type and DeepSpeed stage), for the plan's notes."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(accelerate_config).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    kind = config.get("distributed_type", "?") if isinstance(config, dict) else "?"
+    ds = config.get("deepspeed_config") if isinstance(config, dict) else None
+    detail = ""
+    if isinstance(ds, dict) and ds.get("deepspeed_config_file"):
+        detail = f", DeepSpeed config {ds['deepspeed_config_file']}"
+    elif isinstance(ds, dict) and "zero_stage" in ds:
+        detail = f", ZeRO-{ds['zero_stage']}"
+    return (f"launcher: accelerate launch --config_file {accelerate_config} (distributed_type {kind}{detail}); "
+            "--num_processes/--num_machines from the study win over the file's")
 
 
 def run_training(command: list[str], folder: Path, name: str) -> dict:

@@ -30,6 +30,9 @@ class Finetune:
     nproc_per_node: int = field(default=8, metadata={
         "help": "training processes (GPUs) per node in the torchrun launch; the recipe's effective batch assumes it"})
     nnodes: int = field(default=1, metadata={"help": "nodes in the torchrun launch"})
+    accelerate_config: str | None = field(default=None, metadata={
+        "help": "launch with `accelerate launch --config_file` this file (e.g. ds_configs/accelerate_zero3.yaml) "
+                "instead of torchrun; processes and nodes still come from nproc_per_node and nnodes"})
 
 
 @dataclass
@@ -237,6 +240,10 @@ def check_study(study: Study) -> None:
         raise SfnError(f"two models of the study are named {twice[0]!r} (fine-tunes, merges and the destruction "
                        "grid's mode_module names share one namespace); rename one.")
     for i, f in enumerate(study.finetune):
+        if f.accelerate_config is not None and not Path(f.accelerate_config).is_file():
+            raise SfnError(f"finetune[{i}] ({f.name}): accelerate_config {f.accelerate_config} does not exist "
+                           "(e.g. ds_configs/accelerate_zero3.yaml; relative paths start from the folder sfn study is "
+                           "launched in).")
         if not Path(f.recipe).is_file():
             raise SfnError(f"finetune[{i}] ({f.name}): recipe {f.recipe} does not exist (relative paths start from "
                            "the folder sfn study is launched in).")
