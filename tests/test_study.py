@@ -269,7 +269,8 @@ def test_inputs_by_content_key_the_stages(first_run, inputs, tmp_path):
     shutil.copy(REPO / "ds_configs" / "zero3.json", zero3)
     accelerate.write_text((REPO / "ds_configs" / "accelerate_zero3.yaml").read_text().replace(
         "ds_configs/zero3.json", str(zero3)))
-    study.write_text(yaml.safe_dump({**raw, "finetune": [{**raw["finetune"][0], "accelerate_config": str(accelerate)}]}))
+    launched = {**raw["finetune"][0], "accelerate_config": str(accelerate)}
+    study.write_text(yaml.safe_dump({**raw, "finetune": [launched]}))
 
     def keys() -> dict[str, str]:
         runner = StudyPipeline(load_study(study), study, first_run["out"], log=lambda _: None).runner
@@ -499,7 +500,8 @@ def test_findings_follow_the_numbers():
     merges = next(s for s in said if s.startswith("t: merges into A"))
     assert "significantly better than A: m1" in merges and "writes 300 tokens per response vs A's 100" in merges
     destruction = next(s for s in said if s.startswith("t, zero:"))
-    assert "stay on task (level III/IV) with o_proj damaged and degrade to level I/II with q_proj, up_proj" in destruction
+    assert ("stay on task (level III/IV) with o_proj damaged and degrade to level I/II with q_proj, up_proj"
+            in destruction)
     assert "As in the paper, damaging o_proj is milder" in destruction
     # the same study where B gained nothing: no share of a gain is claimed
     entries[1] = entry("reasoning", "reasoning", 4)
