@@ -3,9 +3,10 @@
     python bench/study.py --out /tmp/sfn-bench-study
 
 Builds the inputs `tests/test_study.py` builds (a tiny Qwen2 A, B = 4 full fine-tuning steps of A, an o_proj recipe of
-2 steps, a 3-problem task) and a study over them with one fine-tune, two merges, a 2 x 2 destruction grid, two deltas
-and 9 models evaluated; then runs `sfn study` twice in fresh processes: the first run does every stage, the second
-finds every stage done. Prints each run's wall time and CPU time (user + system, the run and its subprocesses).
+2 steps, a 3-problem task) and a study over them with one fine-tune, two merges, a 2 x 2 destruction grid and a layer
+removal, two deltas and 10 models evaluated; then runs `sfn study` twice in fresh processes: the first run does every
+stage, the second finds every stage done. Prints each run's wall time and CPU time (user + system, the run and its
+subprocesses).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def build_inputs(root: Path) -> Path:
         "finetune": [{"name": "oproj", "recipe": str(root / "oproj.yaml")}],
         "merges": [{"name": "m1_oproj", "modules": ["o_proj"]},
                    {"name": "m2_qkv", "modules": ["q_proj", "k_proj", "v_proj"], "layers": "0-1"}],
-        "destroy": {"model": "reasoning", "modes": ["zero", "reinit"], "modules": ["o_proj", "up_proj"],
+        "destroy": {"model": "reasoning", "modes": ["zero", "reinit", "remove"], "modules": ["o_proj", "up_proj"],
                     "layers": "1-2"},
         "delta": True, "tasks": [str(task)],
         "eval": {"limit": 3, "max_new_tokens": 8, "temperature": 0, "batch_size": 16, "grading_workers": 1,
@@ -83,7 +84,7 @@ def main() -> None:
     if not (root / "out" / "report.md").is_file():
         raise SystemExit("the study wrote no report.md")
     print(f"load average (1 min) before the first run: {load:.1f} on {os.cpu_count()} CPUs")
-    print(f"first run (19 stages):         {first[0]:6.1f} s wall, {first[1]:6.1f} s CPU")
+    print(f"first run (21 stages):         {first[0]:6.1f} s wall, {first[1]:6.1f} s CPU")
     print(f"second run (every stage done): {second[0]:6.1f} s wall, {second[1]:6.1f} s CPU")
     print(f"report: {root / 'out' / 'report.md'}")
 

@@ -1,6 +1,6 @@
 """`sfn study` end to end on two tiny checkpoints (B = a short full fine-tune of A, made here): one fine-tune, two
-merges, a 2 x 2 destruction grid, delta and one task. One study run is shared by the tests of the report, the
-cached rerun, the kill during evaluation and `--stage`; the schema and `--plan` tests need no models.
+merges, a 2 x 2 destruction grid and a layer removal, delta and one task. One study run is shared by the tests of the
+report, the cached rerun, the kill during evaluation and `--stage`; the schema and `--plan` tests need no models.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from sfn_train.cli import main
 from sfn_train.manifest import manifest_problems
 
 STAGES = ["train:oproj", "merge:m1_oproj", "merge:m2_qkv", "destroy:zero_o_proj", "destroy:zero_up_proj",
-          "destroy:reinit_o_proj", "destroy:reinit_up_proj", "delta:reasoning", "delta:oproj", "eval:base",
-          "eval:reasoning", "eval:oproj", "eval:m1_oproj", "eval:m2_qkv", "eval:zero_o_proj", "eval:zero_up_proj",
-          "eval:reinit_o_proj", "eval:reinit_up_proj", "report"]
+          "destroy:reinit_o_proj", "destroy:reinit_up_proj", "destroy:remove", "delta:reasoning", "delta:oproj",
+          "eval:base", "eval:reasoning", "eval:oproj", "eval:m1_oproj", "eval:m2_qkv", "eval:zero_o_proj",
+          "eval:zero_up_proj", "eval:reinit_o_proj", "eval:reinit_up_proj", "eval:remove", "report"]
 MODELS = ["base", "reasoning", "oproj", "m1_oproj", "m2_qkv", "zero_o_proj", "zero_up_proj", "reinit_o_proj",
-          "reinit_up_proj"]
+          "reinit_up_proj", "remove"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def inputs(tmp_path_factory, sum_data, env) -> dict:
         "finetune": [{"name": "oproj", "recipe": str(oproj)}],
         "merges": [{"name": "m1_oproj", "modules": ["o_proj"]},
                    {"name": "m2_qkv", "modules": ["q_proj", "k_proj", "v_proj"], "layers": "0-1"}],
-        "destroy": {"model": "reasoning", "modes": ["zero", "reinit"], "modules": ["o_proj", "up_proj"],
+        "destroy": {"model": "reasoning", "modes": ["zero", "reinit", "remove"], "modules": ["o_proj", "up_proj"],
                     "layers": "1-2"},
         "delta": True,
         "tasks": [str(task)],
@@ -100,7 +100,7 @@ def test_study_runs_every_stage_and_reports_every_model(first_run, inputs):
     out = first_run["out"]
     assert first_run["ran"] == STAGES and first_run["cached"] == []
     progress = [line for line in first_run["lines"] if line.startswith("[study ")]
-    assert any("[study 12/19 |" in line and "eval:oproj (model oproj" in line and "7 after it" in line
+    assert any("[study 13/21 |" in line and "eval:oproj (model oproj" in line and "8 after it" in line
                for line in progress), progress
     report = (out / "report.md").read_text()
     sections = {s.split("\n", 1)[0]: s for s in report.split("\n## ")[1:]}
@@ -111,7 +111,7 @@ def test_study_runs_every_stage_and_reports_every_model(first_run, inputs):
 
     assert rows("Fine-tunes from A against reasoning") == ["base", "reasoning", "oproj"]
     assert rows("Merges: A with modules of B") == ["base", "m1_oproj", "m2_qkv", "reasoning"]
-    assert rows("Destruction of reasoning in layers 1-2") == ["zero", "reinit"]
+    assert rows("Destruction of reasoning in layers 1-2") == ["zero", "reinit", "remove layers"]
     assert "| destroyed | o_proj | up_proj |" in report
     assert "### A -> B" in report and "### A -> oproj" in report
     for model in MODELS:
@@ -305,8 +305,8 @@ def test_plan_prints_every_stage_with_its_command_and_hardware(inputs, capsys):
     assert (f"runs: sfn eval {out / 'train' / 'oproj'} --label oproj --task {inputs['root'] / 'sums.jsonl'} --out "
             f"{out / 'evals' / 'oproj'} --limit 3 --max-new-tokens 8" in plan)
     waves = [line for line in plan.splitlines() if line.startswith("## wave")]
-    assert waves == ["## wave 1: 10 stage(s), independent of each other",
-                     "## wave 2: 8 stage(s), independent of each other",
+    assert waves == ["## wave 1: 11 stage(s), independent of each other",
+                     "## wave 2: 9 stage(s), independent of each other",
                      "## wave 3: 1 stage(s), independent of each other"]
 
 
