@@ -52,6 +52,11 @@ class SfnArguments:
         default=False,
         metadata={"help": "Allow writing into a non-empty output_dir that is not being resumed."},
     )
+    allow_fsdp1: bool = field(
+        default=False,
+        metadata={"help": "Run FSDP1 (fsdp_config version 1) although part of the model is frozen; it then keeps "
+                  "gradient memory for the frozen tensors too (pytorch #104690). FSDP2 has no such cost."},
+    )
 
     def __post_init__(self):
         from .roles import normalize_modules, parse_layers
@@ -257,7 +262,7 @@ def _check_recipe_file(path: str) -> dict:
 
 
 _RESERVED_KEYS = {"help", "config"}
-_BOOL_AS_TEXT = {"resume_from_checkpoint"}  # text fields where `true` is meaningful (the latest checkpoint)
+_BOOL_AS_TEXT = {"resume_from_checkpoint", "fsdp"}  # text fields where `true` is meaningful (latest checkpoint; FSDP on)
 _WORDS = {str: "a string", dict: "a mapping", list: "a list", int: "an integer", float: "a number", bool: "true/false"}
 
 

@@ -142,7 +142,8 @@ def save_full_precision(model, selection, output_dir: Path, base, fingerprint: s
     return output_dir
 
 
-def build_manifest(args, selection, attention, fingerprint, status, metrics=None, precision=None) -> dict:
+def build_manifest(args, selection, attention, fingerprint, status, metrics=None, precision=None,
+                   engine=None) -> dict:
     from .manifest import new_manifest
 
     script_args, training_args, model_args, sfn_args = args
@@ -161,5 +162,8 @@ def build_manifest(args, selection, attention, fingerprint, status, metrics=None
         precision=precision,  # dtypes in effect, read from the live model once training began (None before)
         world_size=training_args.world_size,
         deepspeed_stage=deepspeed_stage(training_args),
+        # requested (recipe or launcher) and in effect (read from the live model: sharded DTensors for FSDP2,
+        # partitioned parameters for ZeRO-3), plus the steps this process ran (fewer than max_steps when resumed)
+        engine=engine or {},
         metrics=metrics or {},
     )

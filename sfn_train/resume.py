@@ -13,7 +13,8 @@ What the HF Trainer (transformers 5.24) guarantees, and what it does not:
 
 So `resume_from_checkpoint: true` is resolved here instead: the highest-numbered folder that passes `problems()`
 (trainer_state.json parses and names that step; every safetensors file's header and length check out; optimizer,
-scheduler and every rank's RNG file are present, and each torch file is a whole zip archive), logging each newer
+scheduler and every rank's RNG file are present, and each torch file is a whole zip archive; under FSDP, the model and
+optimizer files or distributed-checkpoint folders of every rank), logging each newer
 folder it skips and why. Nothing is deleted: an incomplete folder stays for inspection and is overwritten when the
 resumed run reaches that step again.
 """
@@ -68,6 +69,26 @@ def _weights_problems(folder: Path) -> list[str]:
     return problems
 
 
+def _fsdp_problems(folder: Path, world_size: int) -> list[str]:
+    """FSDP (accelerate): `pytorch_model_fsdp.bin` + `optimizer.bin` (FULL_STATE_DICT, written by rank 0), or the
+    distributed-checkpoint folders `pytorch_model_fsdp_0/` + `optimizer_0/` (SHARDED_STATE_DICT): one
+    `__<rank>_0.distcp` per rank and a `.metadata` file, which torch.distributed.checkpoint writes last."""
+    found = []
+    for stem in ("pytorch_model_fsdp", "optimizer"):
+        full, sharded = folder / f"{stem}.bin", folder / f"{stem}_0"
+        if full.is_file():
+            continue
+        if not sharded.is_dir():
+            found.append(f"{stem}.bin / {stem}_0 is missing")
+            continue
+        ranks = {p.name.split("_")[2] for p in sharded.glob("__*_*.distcp")}
+        if not (sharded / ".metadata").is_file():
+            found.append(f"{sharded.name} has no .metadata (the save did not finish)")
+        if len(ranks) < world_size:
+            found.append(f"{sharded.name} holds shards of {len(ranks)} process(es) for {world_size}")
+    return found
+
+
 def problems(folder: str | Path, world_size: int = 1) -> list[str]:
     """Why `folder` (a `checkpoint-N`) cannot be resumed from by a run of `world_size` processes; [] if it can."""
     folder = Path(folder)
@@ -84,10 +105,19 @@ def problems(folder: str | Path, world_size: int = 1) -> list[str]:
         found.append("trainer_state.json is missing (the save did not finish)")
     except (OSError, ValueError, TypeError):
         found.append("trainer_state.json is unreadable")
-    found += _weights_problems(folder)
+    fsdp = [p for p in folder.glob("pytorch_model_fsdp*")]
+    if fsdp:  # FSDP: the Trainer's own model and optimizer files; model.safetensors only with FULL_STATE_DICT
+        found += _fsdp_problems(folder, world_size)
+        if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+            found += _weights_problems(folder)
+    else:
+        found += _weights_problems(folder)
 
     deepspeed_dirs = [p for p in folder.glob("global_step*") if p.is_dir()]
-    if deepspeed_dirs:
+    if fsdp:
+        if not (folder / "scheduler.pt").is_file():
+            found.append("scheduler.pt is missing")
+    elif deepspeed_dirs:
         for ds_dir in deepspeed_dirs:
             optim = list(ds_dir.glob("*optim_states.pt"))
             if len(optim) < world_size:
@@ -101,7 +131,8 @@ def problems(folder: str | Path, world_size: int = 1) -> list[str]:
             found.append("scheduler.pt is missing")
     rng = ["rng_state.pth"] if world_size == 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
     found += [f"{name} is missing" for name in rng if not (folder / name).is_file()]
-    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("global_step*/*.pt")]):
+    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("*.bin"),
+                        *folder.glob("global_step*/*.pt")]):
         problem = _torch_file_problem(path)
         if problem:
             found.append(problem)

@@ -222,8 +222,15 @@ def init_distributed(training_args) -> None:
     DeepSpeed's communication layer there; with `use_cpu` it does not, and ZeRO-3 would then see a world of one, so
     we start it ourselves on top of the existing group.
     """
+    from .engine import effective_deepspeed_config, needs_world_of_one, set_world_of_one
+
+    if needs_world_of_one(training_args):
+        # DeepSpeed/FSDP without a launcher: rank 0 of 1, and the device set-up that ran while parsing (with no
+        # world) runs again -- TrainingArguments caches it in `_setup_devices` -- so the Trainer sees a process group.
+        set_world_of_one()
+        training_args.__dict__.pop("_setup_devices", None)
     _ = training_args.device
-    if training_args.deepspeed:
+    if effective_deepspeed_config(training_args) is not None:  # the recipe's, or the accelerate launcher's
         import deepspeed
 
         if not deepspeed.comm.is_initialized():

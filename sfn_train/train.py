@@ -15,6 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+from .engine import (
+    cast_saved_tensors,
+    check_engine,
+    engine_check_callback,
+    final_save_gathered,
+    trainer_class,
+    warn_fsdp_low_precision,
+)
 from .errors import SfnError, disk_full_error, is_disk_full
 from .outputs import Selection, base_fingerprint, build_manifest, save_full_precision, write_plugin_from_checkpoint
 from .precision import full_precision_tensors, keep_fp32_masters, precision_record, restore_loaded_dtypes
@@ -163,7 +171,6 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     """Train the selected modules; return the output folder. `callbacks` go to the Trainer (TrainerCallback)."""
     from accelerate import PartialState
     from transformers import set_seed
-    from trl import SFTTrainer
 
     from .manifest import MANIFEST_FILE, write_json
 
@@ -176,6 +183,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     if not model_args.model_name_or_path:
         raise SfnError("model_name_or_path is not set: give a local checkpoint folder or a hub id.")
     check_run_setup(training_args, model_args, sfn_args)
+    engine = check_engine(training_args, sfn_args)
     resume = resume_target(training_args)
     check_train_output_dir(training_args, sfn_args, resuming=resume is not None)
     attention = resolve_attention(model_args, training_args)
@@ -203,7 +211,12 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
         selection.quantize_frozen = quantize_frozen(model, selection.trainable_tensors, sfn_args.quantize_frozen,
                                                     training_args.device)
     # bf16/fp16 trained tensors become fp32 master weights (outside DeepSpeed, which keeps its own): sfn_train/precision.py
+    # FSDP leaves masters to accelerate (fp32 copies of the trained tensors under bf16/fp16 mixed precision): the
+    # saved checkpoint gets them back in these, the loaded dtypes; the plugin keeps the fp32 masters.
+    loaded_dtypes = {n: p.dtype for n, p in model.named_parameters() if n in set(selection.trainable_tensors)}
     masters = keep_fp32_masters(model, selection.trainable_tensors, training_args)
+    if masters.engine == "fsdp":
+        warn_fsdp_low_precision(loaded_dtypes, training_args)
     configure_activation_checkpointing(model, training_args)
 
     ################
@@ -215,15 +228,18 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     state.wait_for_everyone()
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "running"))
+        write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "running",
+                                                              engine={"requested": engine.to_dict()}))
 
     ################
-    # Training
+    # Training (the engine in effect is read from the live model at the first step, and must be the one asked for)
     ################
     precision = precision_probe(model, selection.trainable_tensors, masters, training_args)
     router_logits_as_loaded = getattr(model.config.get_text_config(), "output_router_logits", None)
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer,
-                         callbacks=[precision, *(callbacks or [])])
+    trainer = trainer_class()(model=model, args=training_args, train_dataset=train_dataset,
+                              processing_class=tokenizer, callbacks=[precision, *(callbacks or [])])
+    engine_check = engine_check_callback(trainer, engine)
+    trainer.add_callback(engine_check)
     log_router_aux_loss(trainer)
     started = time.perf_counter()
     try:
@@ -249,6 +265,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     # (atomic) with status "complete"; a run killed or out of disk before that leaves status "running".
     ################
     try:
+        final_save_gathered(trainer)
         # The plugin gets the full-precision (fp32 master) tensors; the checkpoint the loaded dtype, like the base.
         plugin_tensors = full_precision_tensors(model, selection.trainable_tensors, masters,
                                                 keep=trainer.is_world_process_zero())
@@ -267,8 +284,11 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
                                     tokenizer, tensors=plugin_tensors)
             else:
                 write_plugin_from_checkpoint(output_dir, selection, fingerprint, tensors=plugin_tensors, model=model)
+                if masters.engine == "fsdp":
+                    cast_saved_tensors(output_dir, loaded_dtypes, model=model)
             write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "complete",
-                                                                  metrics, precision=precision.record))
+                                                                  metrics, precision=precision.record,
+                                                                  engine=engine_check.record()))
             logger.info("saved checkpoint, plugin and manifest to %s", output_dir)
     except Exception as exc:  # reliability: a full disk during the final save is one line; status stays "running"
         if is_disk_full(exc, output_dir):
