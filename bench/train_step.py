@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_step.py                 # ~55M-parameter Qwen2, CPU, a few minutes
     .venv/bin/python bench/train_step.py --hidden 1024 --layers 16 --steps 20
     .venv/bin/python bench/train_step.py --quantize_frozen 4bit   # adds the variant oproj_4bit
+    .venv/bin/python bench/train_step.py --engine fsdp2,zero3 --variants full,oproj   # 2 processes per engine
 
 Every variant trains the same model on the same batches through TRL's SFTTrainer, each in its own process (so peak
 RSS is that variant's own), alternating variants over `--rounds` to spread machine noise:
@@ -11,6 +12,12 @@ RSS is that variant's own), alternating variants over `--rounds` to spread machi
 - oproj:       sfn_train.run_sft with trainable_modules: [o_proj]
 - oproj_plain: TRL's SFTTrainer on a model whose non-o_proj parameters were frozen by hand (the plain way)
 - oproj_4bit / oproj_8bit (with --quantize_frozen): oproj with the frozen linear layers quantized by bitsandbytes
+
+With `--engine fsdp2|zero3` (comma-separated for both), each variant also runs as one `torchrun --nproc_per_node 2`
+launch under that engine (FSDP2: ds_configs/fsdp2.json; ZeRO-3: ds_configs/zero3.json; gloo on CPU), and the
+memory of every rank is reported next to the single-process run's, together with the bytes of gradients and
+optimizer state each rank holds, summed from the live tensors after the first step (what "frozen tensors get no
+gradient and no optimizer state" means, counted).
 
 Step time: median over the timed steps (after warm-up) of every round. Memory: peak RSS of the process minus its RSS
 once the model is loaded, i.e. what training adds on top of the weights (gradients, optimizer state, activations).
@@ -59,7 +66,8 @@ def build_assets(folder: Path, hidden: int, layers: int, vocab: int, seq: int, r
 
 
 class StepTimer:
-    """Trainer callback recording the wall time of every optimizer step."""
+    """Trainer callback recording the wall time of every optimizer step, and (first step) the bytes of gradients and
+    optimizer state held by this process, summed from the live tensors."""
 
     def __init__(self):
         from transformers import TrainerCallback
@@ -68,21 +76,49 @@ class StepTimer:
 
         class _Callback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
-                timer.rss_at_start = rss_mb()  # weights loaded; no gradients or Adam moments exist yet
+                timer.rss_at_start = rss_mb()  # weights loaded (and sharded); no gradients or Adam moments yet
                 timer.load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the reset
                 reset_peak_rss()
 
             def on_step_begin(self, args, state, control, **kw):
                 timer.start = time.perf_counter()
 
-            def on_step_end(self, args, state, control, **kw):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+                if timer.grad_mb is None:
+                    timer.grad_mb = sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None) / 2**20
+                    timer.frozen_grads = sum(p.grad is not None for p in model.parameters() if not p.requires_grad)
+
+            def on_step_end(self, args, state, control, optimizer=None, **kw):
                 timer.times.append(time.perf_counter() - timer.start)
                 timer.step_peak = max(timer.step_peak, peak_rss_mb())
+                if timer.optimizer_mb is None and optimizer is not None:
+                    timer.optimizer_mb = optimizer_state_bytes(optimizer) / 2**20
 
         self.times: list[float] = []
         self.rss_at_start = 0.0
         self.step_peak = self.load_peak = 0.0
+        self.grad_mb = self.optimizer_mb = None
+        self.frozen_grads = None
         self.callback = _Callback()
+
+
+def local_bytes(tensor) -> int:
+    """Bytes this process holds for `tensor` (its shard, for an FSDP2 DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.to_local()
+    return tensor.numel() * tensor.element_size()
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Adam moments held by this process: the torch optimizer's state, under accelerate's and DeepSpeed's wrappers
+    (ZeRO's inner optimizer steps this rank's flat fp32 partition, whose state is counted the same way)."""
+    import torch
+
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return sum(local_bytes(t) for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
 
 
 def rss_mb() -> float:
@@ -104,8 +140,18 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
-def run_variant(variant: str, model_dir: str, data: str, steps: int, batch: int, seq: int, out: str) -> dict:
-    """Runs in a child process: train `steps` steps, report step times and memory."""
+ENGINE_KEYS = {
+    "none": {},
+    "fsdp2": {"fsdp": True, "fsdp_config": str(Path(__file__).resolve().parent.parent / "ds_configs" /
+                                                      "fsdp2.json")},
+    "zero3": {"deepspeed": str(Path(__file__).resolve().parent.parent / "ds_configs" / "zero3.json")},
+}
+
+
+def run_variant(variant: str, model_dir: str, data: str, steps: int, batch: int, seq: int, out: str,
+                engine: str = "none") -> dict:
+    """Runs in a child process (each rank of a torchrun launch, with an engine): train `steps` steps, report step
+    times and memory."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
@@ -123,6 +169,7 @@ def run_variant(variant: str, model_dir: str, data: str, steps: int, batch: int,
         "gradient_checkpointing": False, "dataloader_num_workers": 0, "disable_tqdm": True,
         "trainable_modules": "all" if variant == "full" else ["o_proj"],
         "quantize_frozen": variant.split("_")[1] if variant in ("oproj_4bit", "oproj_8bit") else "none",
+        **ENGINE_KEYS[engine],
     }))
     script_args, training_args, model_args, sfn_args = parse_recipe(["--config", str(recipe)])
     if variant == "oproj_plain":
@@ -143,8 +190,12 @@ def run_variant(variant: str, model_dir: str, data: str, steps: int, batch: int,
         sfn.run_sft(script_args, training_args, model_args, sfn_args, callbacks=[timer.callback])
     # the step-peak reset also lowers ru_maxrss, so the loading peak recorded before it is folded back in
     peak = max(timer.load_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"variant": variant, "step_s": timer.times, "rss_model_mb": timer.rss_at_start, "peak_rss_mb": peak,
-            "train_added_mb": peak - timer.rss_at_start, "step_peak_mb": timer.step_peak}
+    return {"variant": variant, "engine": engine, "rank": int(os.environ.get("RANK", "0")), "step_s": timer.times,
+            "rss_model_mb": timer.rss_at_start, "peak_rss_mb": peak, "train_added_mb": peak - timer.rss_at_start,
+            "step_peak_mb": timer.step_peak, "step_added_mb": timer.step_peak - timer.rss_at_start,
+            # ZeRO keeps gradients in its own partitioned buffers, not in `.grad`: not counted there
+            "grad_mb": None if engine == "zero3" else timer.grad_mb, "optimizer_mb": timer.optimizer_mb,
+            "frozen_grads": None if engine == "zero3" else timer.frozen_grads}
 
 
 def main() -> None:
@@ -160,66 +211,129 @@ def main() -> None:
     parser.add_argument("--variants", default="full,oproj,oproj_plain")
     parser.add_argument("--quantize_frozen", choices=["none", "4bit", "8bit"], default="none",
                         help="also run oproj with the frozen linears quantized (variant oproj_4bit / oproj_8bit)")
+    parser.add_argument("--engine", default="none",
+                        help="also run full and oproj as 2-process torchrun launches under fsdp2 and/or zero3 "
+                        "(comma-separated), next to the single-process runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         spec = json.loads(args.child)
-        print("RESULT " + json.dumps(run_variant(**spec)))
+        result = run_variant(**spec)
+        (Path(spec["out"]) / f"result_rank{result['rank']}.json").write_text(json.dumps(result))
         return
 
     variants = args.variants.split(",")
     if args.quantize_frozen != "none" and f"oproj_{args.quantize_frozen}" not in variants:
         variants.append(f"oproj_{args.quantize_frozen}")
+    engines = [e for e in args.engine.split(",") if e != "none"]
+    unknown = set(engines) - set(ENGINE_KEYS)
+    if unknown:
+        sys.exit(f"--engine {','.join(sorted(unknown))}: choose from fsdp2, zero3")
+    runs = [("none", v) for v in variants] + [(e, v) for e in engines for v in ("full", "oproj")]
     with tempfile.TemporaryDirectory(prefix="sfn-bench-") as tmp:
         tmp = Path(tmp)
         model_dir, data, n_params = build_assets(tmp, args.hidden, args.layers, args.vocab, args.seq, 64)
         print(f"model: Qwen2 hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: {n_params / 1e6:.1f}M "
-              f"params; batch {args.batch} x {args.seq} tokens; {args.steps} steps x {args.rounds} rounds; "
-              f"torch threads {os.cpu_count()}")
-        results: dict[str, list[dict]] = {v: [] for v in variants}
+              f"params; batch {args.batch} x {args.seq} tokens per process; {args.steps} steps x {args.rounds} "
+              f"rounds; cpus {os.cpu_count()}; engines: single process{''.join(', ' + e for e in engines)}")
+        results: dict[tuple[str, str], list[list[dict]]] = {run: [] for run in runs}
         for round_ in range(args.rounds):
-            for variant in variants:
-                out = tmp / f"{variant}-{round_}"
+            for engine, variant in runs:
+                out = tmp / f"{engine}-{variant}-{round_}"
                 out.mkdir()
                 spec = dict(variant=variant, model_dir=str(model_dir), data=str(data), steps=args.steps,
-                            batch=args.batch, seq=args.seq, out=str(out))
-                proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                      text=True)
-                line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                if proc.returncode != 0 or not line:
-                    sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-                results[variant].append(json.loads(line[0][7:]))
+                            batch=args.batch, seq=args.seq, out=str(out), engine=engine)
+                launcher = [sys.executable] if engine == "none" else [
+                    sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+                env = {**os.environ, "OMP_NUM_THREADS": "1"} if engine != "none" else None
+                proc = subprocess.run([*launcher, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                      text=True, env=env)
+                ranks = [json.loads(p.read_text()) for p in sorted(out.glob("result_rank*.json"))]
+                if proc.returncode != 0 or len(ranks) != (1 if engine == "none" else 2):
+                    sys.exit(f"{engine}/{variant} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+                results[(engine, variant)].append(ranks)
 
     summary = {}
-    for variant, runs in results.items():
-        times = [t for r in runs for t in r["step_s"][2:]]
-        summary[variant] = {
+    for (engine, variant), rounds in results.items():
+        per_rank = list(zip(*rounds))  # rank -> that rank's result in every round
+        times = [t for r in rounds for t in r[0]["step_s"][2:]]
+        summary[(engine, variant)] = {
             "median_step_s": statistics.median(times),
-            "train_added_mb": statistics.median(r["train_added_mb"] for r in runs),
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
-            "step_peak_mb": statistics.median(r["step_peak_mb"] for r in runs),
+            "train_added_mb": statistics.median(r[0]["train_added_mb"] for r in rounds),
+            "peak_rss_mb": statistics.median(r[0]["peak_rss_mb"] for r in rounds),
+            "step_peak_mb": statistics.median(r[0]["step_peak_mb"] for r in rounds),
+            "ranks": [{key: statistics.median(x[key] for x in results_of_rank)
+                       for key in ("rss_model_mb", "step_peak_mb", "step_added_mb", "grad_mb", "optimizer_mb")
+                       if all(x[key] is not None for x in results_of_rank)}
+                      | {"frozen_grads": results_of_rank[0]["frozen_grads"]}
+                      for results_of_rank in per_rank],
         }
+    single = {v: s for (e, v), s in summary.items() if e == "none"}
     print(f"\n{'variant':<12} {'median step (s)':>16} {'peak RSS (MB)':>14} {'added by training (MB)':>22} "
           f"{'step peak (MB)':>15}")
-    for variant, s in summary.items():
+    for variant, s in single.items():
         print(f"{variant:<12} {s['median_step_s']:>16.3f} {s['peak_rss_mb']:>14.0f} {s['train_added_mb']:>22.0f} "
               f"{s['step_peak_mb']:>15.0f}")
-    if "full" in summary and "oproj" in summary:
-        f, o = summary["full"], summary["oproj"]
+    if "full" in single and "oproj" in single:
+        f, o = single["full"], single["oproj"]
         print(f"\noproj / full      step time {o['median_step_s'] / f['median_step_s']:.2f}x   "
               f"peak RSS {o['peak_rss_mb'] / f['peak_rss_mb']:.2f}x   "
               f"training memory {o['train_added_mb'] / f['train_added_mb']:.2f}x")
-    if "oproj" in summary and "oproj_plain" in summary:
-        o, p = summary["oproj"], summary["oproj_plain"]
+    if "oproj" in single and "oproj_plain" in single:
+        o, p = single["oproj"], single["oproj_plain"]
         print(f"ours / plain      step time {o['median_step_s'] / p['median_step_s']:.2f}x   "
               f"peak RSS {o['peak_rss_mb'] / p['peak_rss_mb']:.2f}x   "
               f"training memory {o['train_added_mb'] / p['train_added_mb']:.2f}x")
     for q in ("oproj_4bit", "oproj_8bit"):
-        if "oproj" in summary and q in summary:
-            o, s = summary["oproj"], summary[q]
+        if "oproj" in single and q in single:
+            o, s = single["oproj"], single[q]
             print(f"{q} / oproj  step time {s['median_step_s'] / o['median_step_s']:.2f}x   "
                   f"step peak RSS {s['step_peak_mb'] / o['step_peak_mb']:.2f}x")
+    if engines:
+        print_engine_memory(summary, engines)
+
+
+def print_engine_memory(summary: dict, engines: list[str]) -> None:
+    """Per rank: RSS once the model is loaded and sharded, the step peak, what training adds, and the gradient and
+    optimizer bytes of the live tensors; then o_proj / full per rank against the single-process ratio."""
+    rows = [("none", "single process")] + [(e, e) for e in engines]
+    print(f"\n{'engine':<15} {'variant':<6} {'rank':>4} {'RSS loaded':>11} {'step peak':>10} {'added':>8} "
+          f"{'grads':>8} {'optimizer':>10} {'frozen grads':>13}   (MB)")
+    for engine, label in rows:
+        for variant in ("full", "oproj"):
+            s = summary.get((engine, variant))
+            if s is None:
+                continue
+            for rank, r in enumerate(s["ranks"]):
+                grads = f"{r['grad_mb']:.1f}" if "grad_mb" in r else "n/a"
+                print(f"{label:<15} {variant:<6} {rank:>4} {r['rss_model_mb']:>11.0f} {r['step_peak_mb']:>10.0f} "
+                      f"{r['step_added_mb']:>8.0f} {grads:>8} {r.get('optimizer_mb', float('nan')):>10.1f} "
+                      f"{r['frozen_grads'] if r['frozen_grads'] is not None else 'n/a':>13}")
+    base = summary.get(("none", "full")), summary.get(("none", "oproj"))
+    if None in base:
+        return
+    single = base[1]["step_peak_mb"] / base[0]["step_peak_mb"]
+    print(f"\no_proj / full step-peak RSS: single process {single:.2f}x", end="")
+    for engine in engines:
+        full, oproj = summary[(engine, "full")], summary[(engine, "oproj")]
+        ratios = [o["step_peak_mb"] / f["step_peak_mb"] for o, f in zip(oproj["ranks"], full["ranks"])]
+        print(f"; {engine} per rank " + ", ".join(f"{x:.2f}x" for x in ratios), end="")
+    print()
+    # What o_proj-only saves against what the frozen tensors' gradients and Adam moments would have cost (the live
+    # bytes of the full run minus those of the o_proj run): near 100% means no memory is kept for frozen tensors.
+    print("step-peak saving of o_proj vs full / gradient+optimizer bytes of the frozen tensors:", end="")
+    for engine, label in rows:
+        full, oproj = summary.get((engine, "full")), summary.get((engine, "oproj"))
+        if full is None or oproj is None or "grad_mb" not in full["ranks"][0]:
+            continue
+        shares = []
+        for f, o in zip(full["ranks"], oproj["ranks"]):
+            frozen = f["grad_mb"] + f["optimizer_mb"] - o["grad_mb"] - o["optimizer_mb"]
+            shares.append(f"{f['step_peak_mb'] - o['step_peak_mb']:.0f}/{frozen:.0f} MB = "
+                          f"{(f['step_peak_mb'] - o['step_peak_mb']) / frozen:.0%}")
+        print(f"  {label}: " + ", ".join(shares), end="")
+    print()
 
 
 if __name__ == "__main__":
