@@ -4,7 +4,7 @@ Launched by bench/gpu_check.sh (which installs the carried wheels first); README
 so that each device call carries at most 64 MiB of wheels:
 
   --part train   env, bf16_oproj (one process), zero2 (torchrun, 1 process), zero3_f2 (torchrun, F2 selection),
-                 fsdp2 (when FSDP2 support is on this branch), padding_free (per attention kernel), throughput
+                 fsdp2 (accelerate launch, ds_configs/accelerate_fsdp2.yaml), padding_free (per attention kernel), throughput
                  (Qwen2.5-1.5B-shaped, seq 4096, checkpointing: o_proj / F2 / full), eval (HF backend, base+plugin;
                  vLLM when importable)
   --part quant   env, quant_4bit, quant_8bit
@@ -445,19 +445,51 @@ def step_zero3_f2(ctx) -> dict:
 
 
 def step_fsdp2(ctx) -> dict:
-    """One FSDP2 bf16 run through accelerate, with the engine's own config (ds_configs/accelerate_fsdp2.yaml)."""
+    """One FSDP2 bf16 run through accelerate, with the engine's own config (ds_configs/accelerate_fsdp2.yaml).
+
+    On the GPU one process; in a dry run two CPU processes (gloo), since a world of one has nothing to shard. Besides
+    the checks every training step shares: the manifest must record FSDP2 in effect, read from the live model (every
+    parameter a sharded DTensor), and fp32 masters of the trained tensors only, the frozen ones left as loaded.
+    """
     config = REPO / "ds_configs" / "accelerate_fsdp2.yaml"
     if not config.is_file():
         raise Skip("FSDP2 support not on this branch (no ds_configs/accelerate_fsdp2.yaml)")
-    if ctx.dry:
-        raise Skip("FSDP2 needs GPUs here (its CPU path is tested by the FSDP2 tests of the test suite)")
-    recipe = ctx.recipe("fsdp2")
-    ctx.launch([ctx.python, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1",
-                str(REPO / "train" / "sft.py"), "--config", str(recipe)], recipe.parent / "log.txt")
+    processes = 2 if ctx.dry else 1
+    # bf16 also in a dry run: accelerate keeps fp32 masters of the trained tensors only under mixed precision
+    recipe = ctx.recipe("fsdp2", bf16=True, per_device_train_batch_size=2)
+    ctx.launch([ctx.python, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+                str(processes), "--main_process_port", str(free_port()), str(REPO / "train" / "sft.py"),
+                "--config", str(recipe)], recipe.parent / "log.txt")
     numbers = check_run(ctx.base(), recipe.parent / "out", ["o_proj"])
     manifest = json.loads((recipe.parent / "out" / "sfn_manifest.json").read_text())
-    numbers["engine_in_manifest"] = manifest.get("engine")
+    in_effect = (manifest.get("engine") or {}).get("in_effect") or {}
+    numbers.update(processes=in_effect.get("processes"), engine_in_effect=in_effect.get("engine"),
+                   sharded_dtensor_params=in_effect.get("sharded_dtensor_params"),
+                   parameter_tensors=in_effect.get("parameter_tensors"),
+                   master_weights=(manifest.get("precision") or {}).get("master_weights"))
+    if in_effect.get("engine") != "fsdp2" or in_effect.get("processes") != processes:
+        numbers["_failed"].append(f"manifest engine in effect {in_effect.get('engine')} on "
+                                  f"{in_effect.get('processes')} process(es), not fsdp2 on {processes}")
+    elif in_effect.get("sharded_dtensor_params") != in_effect.get("parameter_tensors"):
+        numbers["_failed"].append(f"only {in_effect.get('sharded_dtensor_params')} of "
+                                  f"{in_effect.get('parameter_tensors')} parameters sharded")
+    if numbers.get("optimizer_dtypes") != {"float32": numbers["selected"]}:
+        numbers["_failed"].append(f"optimizer holds {numbers.get('optimizer_dtypes')}, not the "
+                                  f"{numbers['selected']} trained tensors in fp32")
+    if numbers.get("frozen_dtypes") != {"bfloat16": numbers["frozen_bitwise"]}:
+        numbers["_failed"].append(f"frozen tensors in effect {numbers.get('frozen_dtypes')}, not bf16 as loaded")
+    upcast = (manifest.get("precision") or {}).get("upcast_from")
+    if upcast != ["bfloat16"]:
+        numbers["_failed"].append(f"manifest precision upcast_from {upcast}, not the bf16 the engine upcast")
     return numbers
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def step_padding_free(ctx) -> dict:

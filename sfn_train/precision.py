@@ -28,8 +28,11 @@ casts the model to its own compute dtype: nothing is upcast here (that would be 
 and the plugin is read from DeepSpeed's masters (`safe_get_full_fp32_param`). FSDP: `fully_shard` (FSDP2) shards the
 parameters in the dtype they have and casts for compute by its `MixedPrecisionPolicy`; how masters and that policy
 combine is the FSDP engine's decision, so `keep_fp32_masters` leaves an FSDP model as it is and says so in the log
-and the manifest (`master_weights: "fsdp"`). An FSDP integration that upcasts before `fully_shard` calls
-`keep_fp32_masters(..., engine="plain")` and then wraps.
+and the manifest (`master_weights: "fsdp"`). accelerate's FSDP2 preparation (the path sfn-train runs, see
+sfn_train/engine.py) upcasts the trainable tensors, and only those, to fp32 before `fully_shard` when mixed precision
+is on (bf16/fp16), and computes in that dtype by its `MixedPrecisionPolicy`; without mixed precision they train as
+loaded. The manifest says which happened, read from the live model once training begins: `upcast_from` lists the
+loaded dtypes the engine turned into fp32, `left_in_low_precision` the trained tensors it left below 32 bits.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class Masters:
     loaded_dtypes: dict = field(default_factory=dict)  # name -> torch.dtype, only the tensors that were upcast
     hooks: list = field(default_factory=list)
     left_alone: list = field(default_factory=list)  # trained low-precision tensors that could not be upcast
+    # FSDP: the trained low-precision tensors as loaded (name -> dtype), before the engine decides their dtype
+    engine_owned: dict = field(default_factory=dict)
 
     @property
     def master_weights(self) -> str:
@@ -77,6 +82,10 @@ def keep_fp32_masters(model, trainable, training_args=None, engine: str | None =
 
     engine = engine or engine_in_use(training_args)
     masters = Masters(engine=engine)
+    if engine == "fsdp":
+        wanted = set(trainable)
+        masters.engine_owned = {name: p.dtype for name, p in model.named_parameters()
+                                if name in wanted and p.dtype in (torch.bfloat16, torch.float16)}
     if engine != "plain":
         why = ("DeepSpeed keeps fp32 master weights in its optimizer and casts the model itself"
                if engine == "deepspeed" else "the FSDP engine's mixed-precision policy owns parameter dtypes")
@@ -192,8 +201,15 @@ def precision_record(model, trainable, masters: Masters, training_args, optimize
 
     wanted = set(trainable)
     train_dtypes, frozen_dtypes = Counter(), Counter()
+    upcast_from = {str(d).removeprefix("torch.") for d in masters.loaded_dtypes.values()}
+    left_alone = list(masters.left_alone)
     for name, param in model.named_parameters():
         (train_dtypes if name in wanted else frozen_dtypes)[str(param.dtype).removeprefix("torch.")] += 1
+        if name in masters.engine_owned:  # FSDP: did the engine make an fp32 master of it?
+            if param.dtype == torch.float32:
+                upcast_from.add(str(masters.engine_owned[name]).removeprefix("torch."))
+            else:
+                left_alone.append(name)
     state = Counter()
     inner, seen = optimizer, 0
     while inner is not None and not state and seen < 5:  # accelerate / DeepSpeed wrap the torch optimizer
@@ -217,7 +233,7 @@ def precision_record(model, trainable, masters: Masters, training_args, optimize
         "trainable_dtypes": dict(train_dtypes),
         "frozen_dtypes": dict(frozen_dtypes),
         "optimizer_param_dtypes": dict(state),
-        "upcast_from": sorted({str(d).removeprefix("torch.") for d in masters.loaded_dtypes.values()}),
-        "left_in_low_precision": masters.left_alone,
+        "upcast_from": sorted(upcast_from),
+        "left_in_low_precision": left_alone,
         "mixed_precision": autocast,
     }

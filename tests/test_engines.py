@@ -206,6 +206,30 @@ def test_fsdp_checkpoint_completeness(tmp_path):
     assert problems(folder, 2) == ["optimizer.bin is not a complete torch file (BadZipFile)"]
 
 
+def test_fsdp_precision_record_says_what_the_engine_did():
+    """Under FSDP the engine decides the trained tensors' dtype (accelerate's FSDP2 upcasts them to fp32 under mixed
+    precision, and leaves them as loaded without): the manifest's record follows the live parameters, not a guess."""
+    from types import SimpleNamespace
+
+    from sfn_train.precision import keep_fp32_masters, precision_record
+    from sfn_train.tiny import tiny_model
+
+    args = SimpleNamespace(deepspeed=None, fsdp=["full_shard"], bf16=True, fp16=False)
+    for engine_upcasts in (True, False):
+        model = tiny_model("qwen2").to(torch.bfloat16)
+        masters = keep_fp32_masters(model, sorted(O_PROJ), args)
+        assert masters.engine == "fsdp" and all(p.dtype == torch.bfloat16 for p in model.parameters())
+        if engine_upcasts:  # what accelerate's fsdp2_prepare_model does before fully_shard under bf16
+            for name, p in model.named_parameters():
+                if name in O_PROJ:
+                    p.data = p.data.float()
+        record = precision_record(model, sorted(O_PROJ), masters, args)
+        assert record["master_weights"] == "fsdp"
+        assert record["upcast_from"] == (["bfloat16"] if engine_upcasts else [])
+        assert sorted(record["left_in_low_precision"]) == ([] if engine_upcasts else sorted(O_PROJ))
+        assert record["trainable_dtypes"] == {"float32" if engine_upcasts else "bfloat16": 4}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Multi-process runs
 # ---------------------------------------------------------------------------------------------------------------------
@@ -318,6 +342,9 @@ def test_fsdp2_two_nodes_then_killed_and_resumed(tmp_path, bf16_base, sum_data):
     manifest = json.loads((reference / "out" / "sfn_manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["engine"]["requested"]["engine"] == "fsdp2"
     assert manifest["engine"]["in_effect"]["sharded_dtensor_params"] == 51
+    precision = manifest["precision"]  # accelerate made fp32 masters of o_proj, and of nothing frozen
+    assert precision["upcast_from"] == ["bfloat16"] and precision["left_in_low_precision"] == []
+    assert precision["trainable_dtypes"] == {"float32": 4} and precision["frozen_dtypes"] == {"bfloat16": 47}
 
     killed = tmp_path / "killed"
     killed.mkdir()

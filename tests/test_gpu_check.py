@@ -25,14 +25,15 @@ def test_dry_run_passes_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     steps = {s["step"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["steps"]}
     assert list(steps) == gpu_check.PARTS["train"] + gpu_check.PARTS["quant"][1:]
-    fsdp2 = steps.pop("fsdp2")
-    assert fsdp2["status"] == "SKIP" and fsdp2["note"]  # FSDP2 needs GPUs (or is not on this branch): said why
     assert {s["status"] for s in steps.values()} == {"PASS"}, {n: s["note"] for n, s in steps.items()}
-    for name in ("bf16_oproj", "zero2", "zero3_f2", "quant_4bit", "quant_8bit"):
+    for name in ("bf16_oproj", "zero2", "zero3_f2", "fsdp2", "quant_4bit", "quant_8bit"):
         numbers = steps[name]["numbers"]
         assert numbers["oproj_moved_min"] >= 0.9 and numbers["plugin_dtype"] == ["float32"]
         assert numbers["ckpt_dtypes"] == ["bfloat16"] and numbers["optimizer_dtypes"].keys() == {"float32"}
     assert steps["zero3_f2"]["numbers"]["selected"] == 15 and steps["zero3_f2"]["numbers"]["deepspeed_stage"] == 3
+    fsdp2 = steps["fsdp2"]["numbers"]  # accelerate launch, 2 CPU processes: really sharded, as the manifest says
+    assert fsdp2["engine_in_effect"] == "fsdp2" and fsdp2["processes"] == 2
+    assert fsdp2["sharded_dtensor_params"] == fsdp2["parameter_tensors"] > 0
     assert steps["throughput"]["numbers"]["full_tok_s"] > 0 and "oproj/full_tok_s" in steps["throughput"]["numbers"]
     assert "gpu_check summary:" in proc.stdout
 
