@@ -4,9 +4,9 @@ Launched by bench/gpu_check.sh (which installs the carried wheels first); README
 so that each device call carries at most 64 MiB of wheels:
 
   --part train   env, bf16_oproj (one process), zero2 (torchrun, 1 process), zero3_f2 (torchrun, F2 selection),
-                 fsdp2 (accelerate launch, ds_configs/accelerate_fsdp2.yaml), padding_free (per attention kernel), throughput
-                 (Qwen2.5-1.5B-shaped, seq 4096, checkpointing: o_proj / F2 / full), eval (HF backend, base+plugin;
-                 vLLM when importable)
+                 fsdp2 (accelerate launch, ds_configs/accelerate_fsdp2.yaml), padding_free (per attention kernel),
+                 throughput (Qwen2.5-1.5B-shaped, seq 4096, checkpointing: o_proj / F2 / full), eval (HF backend,
+                 base+plugin; vLLM when importable)
   --part quant   env, quant_4bit, quant_8bit
 
 Models are built from configs (random weights, no hub). Each training step trains a bf16 base at lr 1e-5 and checks
