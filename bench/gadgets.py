@@ -97,14 +97,21 @@ def write_random_checkpoint(out: Path, cfg: dict, seed: int, shard_bytes: int) -
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def timed(cmd: str, repeat: int, before=None) -> float:
+def run_quiet(argv: list[str]) -> None:
+    """Run one command with its output discarded (`> /dev/null` without a shell)."""
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+def timed(commands: list[list[str]], repeat: int, before=None) -> float:
+    """Median over `repeat` runs of the wall time of `commands`, run one after the other (no shell)."""
     times = []
     for _ in range(repeat):
         if before:
             before()
         os.sync()  # the previous run's dirty pages must not be written back during this one
         t = time.perf_counter()
-        subprocess.run(cmd, shell=True, check=True)
+        for argv in commands:
+            run_quiet(argv)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -167,15 +174,18 @@ def main(argv=None) -> int:
     largest = max(f.stat().st_size for f in shard_files)
     print(f"checkpoint: {layers} layers, {len(shard_files)} shards, {size / 1e9:.2f} GB, largest shard {largest / 1e9:.2f} GB")
 
-    a_files = " ".join(str(f) for f in shard_files)
-    b_files = " ".join(str(f) for f in sorted(b.glob("*.safetensors")))
-    subprocess.run(f"cat {a_files} {b_files} > /dev/null", shell=True, check=True)  # warm the page cache
+    a_files = [str(f) for f in shard_files]
+    b_files = [str(f) for f in sorted(b.glob("*.safetensors"))]
+    run_quiet(["cat", *a_files, *b_files])  # warm the page cache
     copy_dir = work / "copy"
-    cat_ab = timed(f"cat {a_files} {b_files} > /dev/null", args.repeat)
-    dd = "for f in {}; do dd if=$f of=/dev/null bs=16M status=none; done"
-    read_a = timed(dd.format(a_files), args.repeat)
-    read_ab = timed(dd.format(f"{a_files} {b_files}"), args.repeat)
-    copy = timed(f"cp {a_files} {copy_dir}/", args.repeat,
+    cat_ab = timed([["cat", *a_files, *b_files]], args.repeat)
+
+    def dd(files):
+        return [["dd", f"if={f}", "of=/dev/null", "bs=16M", "status=none"] for f in files]
+
+    read_a = timed(dd(a_files), args.repeat)
+    read_ab = timed(dd(a_files + b_files), args.repeat)
+    copy = timed([["cp", *a_files, f"{copy_dir}/"]], args.repeat,
                  before=lambda: (shutil.rmtree(copy_dir, ignore_errors=True), copy_dir.mkdir()))
     shutil.rmtree(copy_dir, ignore_errors=True)
     m = run_gadget("merge", a, b, work / "merged", args.repeat)

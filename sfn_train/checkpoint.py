@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -23,6 +24,7 @@ from .errors import SfnError, disk_full_error, is_disk_full
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+SHARD_NAME = re.compile(r"^(.*)-(\d+)-of-(\d+)\.safetensors$")  # model-00001-of-00004.safetensors
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,9 @@ class Checkpoint:
     def __init__(self, path_or_id: str | os.PathLike):
         self.path = resolve_path(path_or_id)
         index = self.path / INDEX_FILE
+        weight_map = None
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_weight_map(index)
             files = sorted(set(weight_map.values()))
         elif (self.path / SINGLE_FILE).exists():
             files = [SINGLE_FILE]
@@ -113,10 +116,15 @@ class Checkpoint:
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
+                if name in self.tensors:
+                    raise SfnError(f"{self.path}: tensor {name} is stored twice, in {self.tensors[name].file.name} and "
+                                   f"{file.name}; re-save the checkpoint.")
                 begin, end = meta["data_offsets"]
                 self.tensors[name] = TensorInfo(
                     name, file, meta["dtype"], tuple(meta["shape"]), data_start + begin, data_start + end
                 )
+        if weight_map is not None:
+            _check_index_matches_shards(index, weight_map, self.tensors)
 
     @property
     def names(self) -> list[str]:
@@ -148,6 +156,50 @@ class Checkpoint:
     def iter_by_file(self) -> Iterator[tuple[Path, list[TensorInfo]]]:
         for file in self.files:
             yield file, [t for t in self.tensors.values() if t.file == file]
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> shard map; shard names must stay inside the checkpoint folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SfnError(f"{index} is not a readable safetensors index ({type(exc).__name__}); re-download the "
+                       "checkpoint.") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SfnError(f"{index}: weight_map is not a map of tensor names to shard file names; re-download the "
+                       "checkpoint.")
+    for shard in sorted(set(weight_map.values())):
+        # The index is data: a shard name like `../other/x.safetensors` or `/etc/x` would read (and copy into every
+        # gadget output) a file outside the checkpoint.
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or not shard:
+            raise SfnError(f"{index} names shard {shard!r}, which is outside the checkpoint folder; shard names must "
+                           "be relative file names inside it.")
+    return weight_map
+
+
+def _check_index_matches_shards(index: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
+    """Every index entry is in the shard it names, and every stored tensor is in the index: else one line."""
+    problems = []
+    for name, shard in weight_map.items():
+        info = tensors.get(name)
+        if info is None:
+            problems.append(f"{name} is listed in {shard} but no shard holds it")
+        elif info.file != index.parent / shard:
+            problems.append(f"{name} is listed in {shard} but stored in {info.file.name}")
+    problems += [f"{name} is stored in {info.file.name} but not listed in the index"
+                 for name, info in tensors.items() if name not in weight_map]
+    # A shard of the same numbered series that no entry names: its tensors would be silently left out. (Only that
+    # series: other safetensors files, e.g. a plugin or Mistral's consolidated.safetensors, may share the folder.)
+    listed = {Path(shard).name for shard in weight_map.values()}
+    series = {(m.group(1), m.group(3)) for m in map(SHARD_NAME.match, listed) if m}
+    for path in sorted(index.parent.glob("*.safetensors")):
+        match = SHARD_NAME.match(path.name)
+        if path.name not in listed and match and (match.group(1), match.group(3)) in series:
+            problems.append(f"shard {path.name} is in the folder but the index lists none of its tensors")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SfnError(f"{index} and its shards disagree: {problems[0]}{more}; the checkpoint is incomplete or "
+                       "mixed up, re-download or re-save it.")
 
 
 def fingerprint(path_or_id: str | os.PathLike, chunk: int = 1 << 24) -> str:
@@ -212,9 +264,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _replace_keeping_old_until_done(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc):
@@ -222,12 +272,66 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Copy what makes a folder a checkpoint besides weights: config, tokenizer, generation config, templates."""
-    for item in src.iterdir():
-        if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_FILE:
-            if item.suffix in {".json", ".txt", ".model", ".jinja", ".tiktoken"} or item.name.startswith("tokenizer"):
-                shutil.copy2(item, dst / item.name)
+def _replace_keeping_old_until_done(new: Path, out: Path) -> None:
+    """Put folder `new` at `out`; an existing `out` is moved aside first and deleted only once `new` is in place.
+
+    A failure between the two renames moves the old `out` back, so `out` is always either the old result or the new
+    one, never missing.
+    """
+    if not out.exists() and not out.is_symlink():
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".old-{out.name}-", dir=out.parent))
+    os.rmdir(old)  # only the unique name is wanted: rename needs a free target
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+# What defines a model besides its weights: architecture, tokenizer, generation defaults, chat template. Everything
+# else a folder may hold (trainer_state.json, all_results.json, README.md, an sfn manifest or plugin, optimizer
+# files) belongs to the run that wrote it and must not reappear in a new checkpoint built from it. The safetensors
+# index is not copied either: the writer produces its own.
+MODEL_DEFINING_FILES = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+    "tekken.json",  # Mistral's tokenizer
+})
+MODEL_DEFINING_FOLDERS = frozenset({"additional_chat_templates"})  # transformers 5: named chat template variants
+
+
+def is_model_defining(name: str) -> bool:
+    return name in MODEL_DEFINING_FILES or name.endswith(".tiktoken") or (
+        name.startswith("tokenizer") and not name.endswith(".safetensors"))
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy what makes a folder a checkpoint besides weights (config, tokenizer, generation config, chat templates).
+
+    Only those files (`is_model_defining`): a run's own records in `src` stay there. A file already in `dst` is
+    never overwritten. Returns the names copied.
+    """
+    copied = []
+    for item in sorted(src.iterdir()):
+        target = dst / item.name
+        if target.exists():
+            continue
+        if item.is_file() and is_model_defining(item.name):
+            shutil.copy2(item, target)
+        elif item.is_dir() and item.name in MODEL_DEFINING_FOLDERS:
+            shutil.copytree(item, target)
+        else:
+            continue
+        copied.append(item.name)
+    return copied
 
 
 FINGERPRINT_CACHE_ENV = "SFN_FINGERPRINT_CACHE"

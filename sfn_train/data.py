@@ -7,8 +7,11 @@ Loss goes on completions only, by default. Plain-text prompt/completion rows are
 conversation when the tokenizer has a chat template (`use_chat_template`), and a `messages` conversation whose only
 assistant turn is the last one is split into prompt (everything before) and completion (that turn). TRL then
 masks the prompt (`completion_only_loss`), which works with any chat template -- unlike `assistant_only_loss`, which
-needs `{% generation %}` markers. Multi-turn conversations with several assistant turns stay `messages`; set
-`assistant_only_loss: true` for them.
+needs `{% generation %}` markers. Conversations with several assistant turns (or not ending in one) cannot be split
+that way: with `assistant_only_loss: true` every row stays `messages` and TRL masks all but the assistant turns;
+without it, a dataset made only of such conversations trains on whole conversations (with a warning), and a dataset
+mixing them with single-turn rows is refused -- one TRL dataset has one format, and training every row on its prompt
+because one row is multi-turn would silently change what the single-turn rows teach.
 """
 
 from __future__ import annotations
@@ -105,14 +108,19 @@ def prepare_dataset(dataset, *, prompt_template=None, completion_template=None, 
             desc="wrapping rows in the chat template",
         )
     if kind == "messages" and not assistant_only_loss:
-        single_turn = all(
-            [m["role"] for m in msgs].count("assistant") == 1 and msgs[-1]["role"] == "assistant"
-            for msgs in dataset["messages"]
-        )
-        if single_turn:
+        splittable = [_single_final_answer(msgs) for msgs in dataset["messages"]]
+        if all(splittable):
             dataset = dataset.map(
                 lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
                 remove_columns=["messages"], desc="splitting conversations into prompt/completion",
+            )
+        elif any(splittable):
+            single, multi = splittable.index(True), splittable.index(False)
+            raise SfnError(
+                f"dataset mixes single-turn conversations (row {single}) with conversations that have several "
+                f"assistant turns or do not end in one (row {multi}, {splittable.count(False)} such rows): set "
+                "`assistant_only_loss: true` to train on every assistant turn (needs a chat template with "
+                "{% generation %} markers), or train on the two kinds separately."
             )
         else:
             logger.warning(
@@ -120,6 +128,11 @@ def prepare_dataset(dataset, *, prompt_template=None, completion_template=None, 
                 "`assistant_only_loss: true` to train on assistant turns only (needs {%% generation %%} markers)."
             )
     return dataset
+
+
+def _single_final_answer(messages: list[dict]) -> bool:
+    """One assistant turn, and it is the last message: the conversation splits into prompt and completion."""
+    return [m["role"] for m in messages].count("assistant") == 1 and messages[-1]["role"] == "assistant"
 
 
 def _check_rows(dataset, kind: str) -> None:

@@ -56,14 +56,36 @@ def base_fingerprint(model_args) -> str | None:
         return None
 
 
+def plugin_skip_reason(selection: Selection) -> str | None:
+    """Why a run writes no plugin, or None when it writes one.
+
+    A selection that trains every parameter (`trainable_modules: all`) is a full fine-tune: its plugin would be a
+    second full copy of the checkpoint beside it, as a full fine-tune in TRL leaves one checkpoint. The checkpoint is
+    the result; `sfn plugin extract` still makes a plugin from it when one is wanted.
+    """
+    if selection.trainable_params == selection.total_params:
+        return ("the selection trains every parameter, so a plugin would be a second full copy of the checkpoint; "
+                "the checkpoint itself is the result (`sfn plugin extract` makes a plugin from it if needed)")
+    return None
+
+
+def plugin_record(selection: Selection) -> dict:
+    """The manifest's `plugin` entry: the file the run writes, or why it writes none."""
+    from .plugin import PLUGIN_FILE
+
+    reason = plugin_skip_reason(selection)
+    return {"file": None, "skipped": reason} if reason else {"file": PLUGIN_FILE}
+
+
 def write_plugin_from_checkpoint(output_dir: Path, selection: Selection, fingerprint: str | None,
-                                 tensors: dict | None = None, model=None) -> Path:
+                                 tensors: dict | None = None, model=None) -> Path | None:
     """Write `sfn_plugin.safetensors` after the checkpoint was saved.
 
     `tensors`: the trained tensors in full precision (the fp32 master weights, see sfn_train/precision.py), checked
     against the saved checkpoint's names and shapes; without them, the tensors are copied out of the saved (gathered)
     checkpoint as they are. The selection names in-memory parameters; the checkpoint may store one as several
     tensors (a fused expert tensor as one per expert): `model` (the trained model) translates, see `sfn_train.names`.
+    None (and a log line) when the selection trains every parameter: see `plugin_skip_reason`.
     """
     from .checkpoint import Checkpoint
     from .names import NameMap, disk_tensors
@@ -74,6 +96,10 @@ def write_plugin_from_checkpoint(output_dir: Path, selection: Selection, fingerp
     if missing:
         raise SfnError(f"the saved checkpoint in {output_dir} lacks trained tensors {missing[:3]}: it is incomplete.")
     selection.trainable_tensors_on_disk = names.to_disk(selection.trainable_tensors)
+    reason = plugin_skip_reason(selection)
+    if reason:
+        logger.info("plugin: not written: %s.", reason)
+        return None
     if tensors is None:
         tensors = {name: saved.tensor(name) for name in selection.trainable_tensors_on_disk}
     else:
@@ -112,7 +138,7 @@ def save_full_precision(model, selection, output_dir: Path, base, fingerprint: s
     they are read from the live model. `tokenizer` (the run's, as `Trainer.save_model` would save it) replaces the
     base's tokenizer files.
     """
-    from .manifest import MANIFEST_FILE
+    from .checkpoint import INDEX_FILE, MODEL_DEFINING_FOLDERS, is_model_defining
     from .names import disk_tensors
     from .plugin import plugin_apply
 
@@ -127,13 +153,22 @@ def save_full_precision(model, selection, output_dir: Path, base, fingerprint: s
     # would write them: the plugin applies onto the base's own files.
     tensors = {n: t.contiguous() for n, t in disk_tensors(model, tensors).items()}
     selection.trainable_tensors_on_disk = list(tensors)
-    plugin = write_run_plugin(output_dir, tensors, selection, fingerprint)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-full-", dir=output_dir))
     try:
+        skip = plugin_skip_reason(selection)
+        if skip:  # the plugin is still how the checkpoint is built, but it is not kept: see plugin_skip_reason
+            logger.info("plugin: not written: %s.", skip)
+        plugin = write_run_plugin(tmp if skip else output_dir, tensors, selection, fingerprint)
         # force only when the base could not be fingerprinted (then the plugin carries no fingerprint to compare)
         plugin_apply(base, plugin, tmp / "full", force=fingerprint is None, command="sfn train (quantize_frozen)")
+        # Only the checkpoint itself moves in: weights, their index and what defines the model. The gadget's manifest
+        # stays behind (the run writes its own next), and nothing the run already wrote here (trainer_state.json,
+        # the plugin) is replaced.
         for item in (tmp / "full").iterdir():
-            if item.name != MANIFEST_FILE:  # the run's own manifest is written next, by the trainer
+            if item.name in MODEL_DEFINING_FOLDERS:
+                shutil.rmtree(output_dir / item.name, ignore_errors=True)
+                os.replace(item, output_dir / item.name)
+            elif item.name.endswith(".safetensors") or item.name == INDEX_FILE or is_model_defining(item.name):
                 os.replace(item, output_dir / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -158,6 +193,7 @@ def build_manifest(args, selection, attention, fingerprint, status, metrics=None
         },
         base={"model_name_or_path": model_args.model_name_or_path, "fingerprint": fingerprint},
         selection=selection.to_dict(),
+        plugin=plugin_record(selection),
         attention=attention,
         precision=precision,  # dtypes in effect, read from the live model once training began (None before)
         world_size=training_args.world_size,

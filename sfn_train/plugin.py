@@ -60,10 +60,22 @@ def write_plugin(path: str | os.PathLike, tensors: dict, *, base_fingerprint: st
     return path
 
 
+def _no_plugin_written(path: Path) -> str | None:
+    """The reason the training run next to `path` wrote no plugin (its manifest says why), if that is the case."""
+    try:
+        record = json.loads((path.parent / "sfn_manifest.json").read_text()).get("plugin") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if record.get("file") is None and record.get("skipped"):
+        return f"the run in {path.parent} wrote none because {record['skipped']}."
+    return None
+
+
 def read_plugin_metadata(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise SfnError(f"plugin file {path} does not exist; pass the .safetensors file a run or `sfn plugin extract` wrote.")
+        hint = _no_plugin_written(path) or "pass the .safetensors file a run or `sfn plugin extract` wrote."
+        raise SfnError(f"plugin file {path} does not exist; {hint}")
     header, _ = read_header(path)
     metadata = header.get("__metadata__") or {}
     if metadata.get("format") != PLUGIN_FORMAT:

@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 8 train/sft.py --config recipes/qwen2.5-math-1.5b/oproj_s1k.yaml
     accelerate launch --config_file ds_configs/accelerate_zero3.yaml train/sft.py --config recipes/...yaml
 
-The output folder holds a normal HF checkpoint, `sfn_plugin.safetensors` (only the trained tensors) and
-`sfn_manifest.json` (resolved recipe, trainable tensors, base fingerprint, versions, git revision).
+The output folder holds a normal HF checkpoint, `sfn_plugin.safetensors` (only the trained tensors; none when every
+parameter trains) and `sfn_manifest.json` (resolved recipe, trainable tensors, base fingerprint, versions, git
+revision).
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from .engine import (
     warn_fsdp_low_precision,
 )
 from .errors import SfnError, disk_full_error, is_disk_full
-from .outputs import Selection, base_fingerprint, build_manifest, save_full_precision, write_plugin_from_checkpoint
+from .outputs import (
+    Selection,
+    base_fingerprint,
+    build_manifest,
+    plugin_skip_reason,
+    save_full_precision,
+    write_plugin_from_checkpoint,
+)
 from .precision import full_precision_tensors, keep_fp32_masters, precision_record, restore_loaded_dtypes
 from .startup import (
     check_run_setup,
@@ -130,6 +138,8 @@ def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
     if training_args.assistant_only_loss and not getattr(tokenizer, "chat_template", None):
         raise SfnError("assistant_only_loss needs a chat template, and this tokenizer has none: set "
                        "assistant_only_loss: false or use a model whose tokenizer defines one.")
+    if training_args.assistant_only_loss:
+        check_assistant_masks(tokenizer)
     # Conversations (`messages`, or prompt/completion lists of turns, which is what prepare_dataset makes of
     # single-turn `messages`) need a chat template; without this check TRL fails at tokenization with a traceback.
     conversational = "messages" in dataset.column_names or isinstance(dataset[0].get("prompt"), list)
@@ -162,6 +172,22 @@ def peak_gpu_memory() -> dict:
     if not torch.cuda.is_available():
         return {}
     return {"peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
+
+
+def check_assistant_masks(tokenizer) -> None:
+    """`assistant_only_loss` needs `{% generation %}` markers around assistant turns in the chat template.
+
+    TRL 1.16 swaps in a marked copy of the templates it knows (Qwen, Llama 3, Gemma, ...) and raises a ValueError at
+    trainer construction for any other; asked here, before the model loads, so that it is one line.
+    """
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        raise SfnError("assistant_only_loss needs a chat template with {% generation %} ... {% endgeneration %} "
+                       "around assistant turns, and TRL cannot add them to this tokenizer's template: add the "
+                       "markers to the template, or set assistant_only_loss: false.") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,6 +285,8 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
         # TRL turned the config's output_router_logits on for training; saved on, every forward of the fine-tune
         # (generation too) would compute the auxiliary loss. The checkpoint keeps the base's setting.
         model.config.get_text_config().output_router_logits = router_logits_as_loaded
+    if resume is not None:
+        logger.info("resumed at step %d; ran %d optimizer steps", engine_check.start_step, engine_check.steps_run)
 
     ################
     # Save model, plugin and manifest. Order matters: weights, then the plugin (atomic), and only then the manifest
@@ -289,7 +317,8 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
             write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "complete",
                                                                   metrics, precision=precision.record,
                                                                   engine=engine_check.record()))
-            logger.info("saved checkpoint, plugin and manifest to %s", output_dir)
+            logger.info("saved %s and manifest to %s", "checkpoint" if plugin_skip_reason(selection) else
+                        "checkpoint, plugin", output_dir)
     except Exception as exc:  # reliability: a full disk during the final save is one line; status stays "running"
         if is_disk_full(exc, output_dir):
             raise disk_full_error(output_dir, f"{MANIFEST_FILE} there keeps status running (not complete)") from None

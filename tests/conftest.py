@@ -102,3 +102,58 @@ def one_line_error(capsys) -> str:
     assert len(lines) == 1, f"expected one error line, got: {lines}"
     assert ": error: " in lines[0]
     return lines[0]
+
+
+def run_with_callbacks(recipe: Path, *callbacks, flags: tuple[str, ...] = ()) -> Path:
+    """`sfn train --config recipe` in this process, with Trainer callbacks that watch what the run does."""
+    from sfn_train.config import parse_recipe
+    from sfn_train.train import run_sft
+
+    return run_sft(*parse_recipe(["--config", str(recipe), *flags]), callbacks=list(callbacks))
+
+
+def step_watcher(names=()):
+    """A Trainer callback recording, from the Trainer's own state: the step training started at, the optimizer steps
+    it ran, and (at the end) a copy of the live model's parameters named in `names`.
+
+    Independent of what sfn_train records about itself, so a test can hold the run's record against it.
+    """
+    from transformers import TrainerCallback
+
+    class StepWatcher(TrainerCallback):
+        start_step = None
+        steps = 0
+        final: dict = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step = state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            self.final = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if n in set(names)}
+
+    return StepWatcher()
+
+
+# What a training run leaves next to its weights besides what defines the model; a checkpoint made from such a folder
+# (a 4-bit run's output, a merge, destroy or plugin apply) must carry none of it. Values are what no run here writes.
+RUN_RECORDS = {
+    "trainer_state.json": '{"global_step": 476, "log_history": [{"loss": 9.99, "step": 476}]}',
+    "all_results.json": '{"train_loss": 9.99}',
+    "train_results.json": '{"train_loss": 9.99}',
+    "README.md": "# model card of another run\n",
+    "sfn_manifest.json": '{"status": "complete", "note": "the base run\'s manifest"}',
+    "training_args.bin": "not a pickle",
+}
+
+
+def with_run_records(checkpoint: Path, folder: Path) -> Path:
+    """A copy of `checkpoint` as a finished training run leaves it: weights, model files and RUN_RECORDS."""
+    import shutil
+
+    shutil.copytree(checkpoint, folder)
+    for name, text in RUN_RECORDS.items():
+        (folder / name).write_text(text)
+    return folder

@@ -48,12 +48,48 @@ def test_two_process_run_changes_only_the_selection(tmp_path, qwen2_base, sum_da
     assert f"trainable: 16,384 of {total:,} params" in proc.stdout + proc.stderr
 
 
+# `sfn train` under torchrun, with each rank recording what `load_model` (from_pretrained) handed back.
+LOAD_PROBE = r"""
+import json, os, sys
+import sfn_train.train as train
+
+load_model = train.load_model
+
+def recording_load_model(*args, **kwargs):
+    model = load_model(*args, **kwargs)
+    params = list(model.parameters())
+    record = {"local_numel": sum(p.numel() for p in params),
+              "ds_numel": sum(getattr(p, "ds_numel", 0) for p in params),
+              "partition_numel": sum(p.ds_tensor.numel() for p in params if hasattr(p, "ds_tensor"))}
+    with open(os.path.join(sys.argv[1], f"loaded_rank{os.environ['RANK']}.json"), "w") as f:
+        json.dump(record, f)
+    return model
+
+train.load_model = recording_load_model
+from sfn_train.cli import main
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+
 def test_zero3_with_activation_checkpointing_and_frozen_params(tmp_path, qwen2_base, sum_data):
-    """Non-reentrant checkpointing + frozen parameters under ZeRO-3 (transformers #47254, trl #2514)."""
+    """Non-reentrant checkpointing + frozen parameters under ZeRO-3 (transformers #47254, trl #2514); and the model
+    is partitioned while it loads: no rank ever holds it whole."""
     recipe = train_recipe(tmp_path, qwen2_base, sum_data, per_device_train_batch_size=2,
                           deepspeed=str(REPO / "ds_configs" / "zero3.json"), gradient_checkpointing=True)
-    torchrun(recipe)
+    (tmp_path / "probe.py").write_text(LOAD_PROBE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(tmp_path / "probe.py"), str(tmp_path), "--config", str(recipe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert changed_tensors(qwen2_base, tmp_path / "out")[0] == O_PROJ
+
+    total = sum(t.numel() for t in load_tensors(qwen2_base).values())
+    for rank in (0, 1):
+        loaded = json.loads((tmp_path / f"loaded_rank{rank}.json").read_text())
+        assert loaded["local_numel"] == 0 and loaded["ds_numel"] == total, loaded
+        # each rank holds its half of every parameter (rounded up), not the model
+        assert total / 2 <= loaded["partition_numel"] < total / 2 + 2 * len(load_tensors(qwen2_base)), loaded
 
 
 def test_zero3_without_gathered_save_is_refused(tmp_path, capsys, qwen2_base, sum_data):

@@ -218,6 +218,19 @@ def test_bootstrap_ci_contains_mean_and_narrows_with_more_problems():
     assert bootstrap_ci(values, seed=1) == (mean, low, high)  # seeded
 
 
+def test_summary_of_known_correctness():
+    """pass@1 is the mean over problems of each problem's share of right samples; its CI has a width here."""
+    from sfn_train.evaluation.stats import summarize
+
+    correct = [[True, False], [True, True], [False, False], [True, False]]  # per problem: 1/2, 1, 0, 1/2
+    summary = summarize(correct, tokens=[4] * 8, seconds=2.0, levels=["I"] * 6 + ["IV"] * 2)
+    assert summary["pass_at_1"] == 0.5
+    assert summary["ci_low"] < 0.5 < summary["ci_high"]
+    assert (summary["n_problems"], summary["n_responses"], summary["mean_tokens"], summary["tokens_per_s"]) == \
+        (4, 8, 4.0, 16.0)
+    assert summary["level_shares"] == {"I": 0.75, "II": 0.0, "III": 0.0, "IV": 0.25}
+
+
 def test_paired_bootstrap_small_p_for_different_large_for_identical():
     import numpy as np
 
@@ -364,7 +377,7 @@ def two_results(qwen2_base, second_model, task_file, tmp_path_factory):
     return files
 
 
-def test_evaluate_writes_every_field(two_results):
+def test_evaluate_writes_every_field(two_results, task_file):
     assert [f.name for f in two_results] == ["base__arith.json", "other__arith.json"]
     r = json.loads(two_results[0].read_text())
     assert r["format"] == "sfn-eval/1"
@@ -373,8 +386,9 @@ def test_evaluate_writes_every_field(two_results):
     assert r["model"]["label"] == "base" and r["model"]["plugin"] is None
     sig = r["model"]["tokenizer_signature"]
     assert set(sig) >= {"vocab_size", "vocab_sha256", "chat_template_sha256", "eos_token_ids", "signature"}
-    assert r["task"] == {"name": "arith", "answer_type": "math", "template": r["task"]["template"],
-                         "source": r["task"]["source"], "n_problems": 3}
+    math_template = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert r["task"] == {"name": "arith", "answer_type": "math", "template": math_template,
+                         "source": str(task_file), "n_problems": 3}
     s = r["settings"]
     assert (s["backend"], s["temperature"], s["top_p"], s["max_new_tokens"], s["samples"], s["seed"]) == \
            ("hf", 0.6, 0.95, 8, 2, 0)
@@ -391,7 +405,9 @@ def test_evaluate_writes_every_field(two_results):
         assert 0 < sample["tokens"] <= 8 and sample["level"] in ("I", "II", "III", "IV")
     summary = r["summary"]
     assert summary["n_problems"] == 3 and summary["n_responses"] == 6
-    assert summary["ci_low"] <= summary["pass_at_1"] <= summary["ci_high"]
+    # pass@1 recounted from the graded samples (the CI itself: the bootstrap tests above)
+    per_problem = [sum(s["correct"] for s in p["samples"]) / len(p["samples"]) for p in r["problems"]]
+    assert summary["pass_at_1"] == pytest.approx(sum(per_problem) / 3)
     assert math.isclose(sum(summary["level_shares"].values()), 1.0)
     assert summary["tokens_per_s"] > 0 and 0 < summary["mean_tokens"] <= 8
 
@@ -404,11 +420,45 @@ def test_compare_writes_report_and_plots(two_results, tmp_path):
     assert "| base | arith |" in text and "| other | arith |" in text
     assert "Δ vs baseline" in text and "## Verdicts" in text
     other = next(r for r in result["rows"] if r["model"] == "other")
-    assert other["p_value"] is not None and other["verdict"] in ("better", "worse", "no significant difference")
+    accuracy = [sum(s["correct"] for p in json.loads(f.read_text())["problems"] for s in p["samples"]) / 6
+                for f in two_results]  # both models answered the same 3 problems twice
+    assert other["delta"] == pytest.approx(accuracy[1] - accuracy[0]) and other["p_value"] is not None
     for png in result["plots"]:
         assert png.parent == result["report"].parent and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SfnError, match="baseline 'full' matches no model label"):
         compare(two_results, "full", tmp_path / "x.md")
+
+
+def _with_correctness(result_file: Path, correct: list[bool], out: Path) -> Path:
+    """A copy of an eval result whose problems were all answered right (or all wrong), per `correct`."""
+    r = json.loads(result_file.read_text())
+    for problem, right in zip(r["problems"], correct):
+        for sample in problem["samples"]:
+            sample["correct"] = right
+    accuracy = sum(correct) / len(correct)
+    r["summary"].update(pass_at_1=accuracy, ci_low=accuracy, ci_high=accuracy)  # the table's numbers; not tested here
+    out.write_text(json.dumps(r))
+    return out
+
+
+@pytest.mark.parametrize("base_correct, other_correct, verdict, delta", [
+    ([False] * 3, [True] * 3, "better", 1.0),
+    ([True] * 3, [False] * 3, "worse", -1.0),
+    ([True, False, True], [True, False, True], "no significant difference", 0.0),
+])
+def test_compare_verdicts_on_known_outcomes(two_results, tmp_path, base_correct, other_correct, verdict, delta):
+    """Three problems, every sample right or wrong: the paired bootstrap of a constant difference of 1 never
+    resamples a difference at 0, so p = 1/2001 < 0.05; equal results have p = 1."""
+    from sfn_train.evaluation import compare
+
+    files = [_with_correctness(two_results[0], base_correct, tmp_path / "base__arith.json"),
+             _with_correctness(two_results[1], other_correct, tmp_path / "other__arith.json")]
+    result = compare(files, "base", tmp_path / "compare.md")
+    other = next(r for r in result["rows"] if r["model"] == "other")
+    assert (other["verdict"], other["delta"]) == (verdict, delta)
+    assert (other["p_value"] < 0.01) if delta else (other["p_value"] == 1.0)
+    line = f"**other** on arith: {verdict} than base" if delta else "**other** on arith: no significant difference"
+    assert line in result["report"].read_text()
 
 
 def test_base_plus_plugin(qwen2_base, task_file, tmp_path):

@@ -543,3 +543,167 @@ def test_cli_commands_end_to_end(ckpts, tmp_path, capsys):
     # --overwrite is needed a second time.
     assert sfn_main(["destroy", qa, "--out", str(tmp_path / "d")]) == 2
     assert sfn_main(["destroy", qa, "--out", str(tmp_path / "d"), "--overwrite"]) == 0
+
+
+# ------------------------------------------------------------------------------- what an output takes from its base
+
+
+@pytest.fixture(scope="module")
+def trained_qa(ckpts, tmp_path_factory):
+    """qa as a finished training run leaves it: weights, model files, and the run's own records."""
+    from conftest import with_run_records
+
+    return with_run_records(ckpts["qa"], tmp_path_factory.mktemp("run") / "qa_run")
+
+
+def _plugin_against(base, tuned, folder) -> Path:
+    path = folder / "p.safetensors"
+    plugin_extract(tuned, base, path)
+    return path
+
+
+GADGET_OUTPUTS = {
+    "merge": lambda base, c, out: merge(base, c["qb"], out),
+    "destroy": lambda base, c, out: destroy(base, out, modules="o_proj", mode="zero"),
+    "plugin_apply": lambda base, c, out: plugin_apply(base, _plugin_against(base, c["qb"], out.parent), out),
+}
+
+
+@pytest.mark.parametrize("gadget", list(GADGET_OUTPUTS))
+def test_outputs_take_the_model_files_and_none_of_the_base_runs_records(ckpts, trained_qa, tmp_path, gadget):
+    from conftest import RUN_RECORDS
+
+    out = tmp_path / "out"
+    GADGET_OUTPUTS[gadget](trained_qa, ckpts, out)
+    model_files = {p.name for p in ckpts["qa"].iterdir()} - {"model.safetensors"}  # what save_pretrained wrote
+    assert model_files == {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                           "chat_template.jinja"}
+    assert {p.name for p in out.iterdir()} == model_files | {"model.safetensors", INDEX_FILE, "sfn_manifest.json"}
+    assert all((out / f).read_bytes() == (ckpts["qa"] / f).read_bytes() for f in model_files)
+    assert json.loads((out / "sfn_manifest.json").read_text())["kind"] == gadget.replace("_", " ")
+    assert not (set(RUN_RECORDS) - {"sfn_manifest.json"}) & {p.name for p in out.iterdir()}
+
+
+def test_copy_side_files_never_overwrites(ckpts, tmp_path):
+    from sfn_train.checkpoint import copy_side_files
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "config.json").write_text("written by the run")
+    copied = copy_side_files(ckpts["qa"], dst)
+    assert (dst / "config.json").read_text() == "written by the run"
+    assert sorted(copied) == ["chat_template.jinja", "generation_config.json", "tokenizer.json",
+                              "tokenizer_config.json"]
+
+
+# ---------------------------------------------------------------------------- sharded index against its shards
+
+
+def _edit_index(src: Path, folder: Path, edit) -> Path:
+    shutil.copytree(src, folder)
+    index = json.loads((folder / INDEX_FILE).read_text())
+    edit(index["weight_map"], folder)
+    (folder / INDEX_FILE).write_text(json.dumps(index))
+    return folder
+
+
+def _drop_from_its_shard(weight_map, folder, name="model.layers.1.self_attn.o_proj.weight"):
+    """The shard loses a tensor the index still lists (what a bad re-save or partial download leaves)."""
+    shard = folder / weight_map[name]
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def _move_to_other_shard(weight_map, folder):
+    name = "model.norm.weight"
+    weight_map[name] = next(f for f in sorted(set(weight_map.values())) if f != weight_map[name])
+
+
+INDEX_CASES = {
+    "listed_not_stored": (_drop_from_its_shard, "model.layers.1.self_attn.o_proj.weight is listed in "
+                                                "model-.*but no shard holds it"),
+    "stored_not_listed": (lambda wm, f: wm.pop("model.layers.2.input_layernorm.weight"),
+                          "model.layers.2.input_layernorm.weight is stored in model-.* but not listed in the index"),
+    "shard_not_listed": (lambda wm, f: wm.pop("model.layers.0.self_attn.o_proj.weight"),  # alone in its shard
+                         "shard model-00003-of-00021.safetensors is in the folder but the index lists none of its "
+                         "tensors"),
+    "wrong_shard": (_move_to_other_shard, "model.norm.weight is listed in model-.* but stored in model-"),
+    "shard_with_dotdot": (lambda wm, f: wm.update({"model.norm.weight": _shard_outside(wm, f, relative=True)}),
+                          "names shard '../outside.safetensors', which is outside the checkpoint folder"),
+    "absolute_shard": (lambda wm, f: wm.update({"model.norm.weight": _shard_outside(wm, f, relative=False)}),
+                       "names shard '/.*/outside.safetensors', which is outside the checkpoint folder"),
+}
+
+
+def _shard_outside(weight_map, folder, relative: bool) -> str:
+    """A real shard file next to (not in) the checkpoint folder, named the way the index would reach it."""
+    outside = folder.parent / "outside.safetensors"
+    shutil.copy(folder / weight_map["model.norm.weight"], outside)
+    return "../outside.safetensors" if relative else str(outside)
+
+
+@pytest.mark.parametrize("case", list(INDEX_CASES))
+def test_index_and_shards_must_agree(ckpts, tmp_path, case):
+    edit, pattern = INDEX_CASES[case]
+    Checkpoint(ckpts["la"])  # the unedited sharded checkpoint is accepted
+    folder = _edit_index(ckpts["la"], tmp_path / "la", edit)
+    with pytest.raises(SfnError, match=pattern) as err:
+        Checkpoint(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_tensor_stored_twice_is_refused(ckpts, tmp_path):
+    folder = tmp_path / "twice"
+    folder.mkdir()
+    shutil.copy(ckpts["qa"] / "config.json", folder)
+    save_file({"a": torch.zeros(2), "b": torch.ones(2)}, folder / "part1.safetensors")
+    save_file({"b": torch.zeros(2)}, folder / "part2.safetensors")
+    with pytest.raises(SfnError, match="tensor b is stored twice, in part1.safetensors and part2.safetensors"):
+        Checkpoint(folder)
+
+
+def test_destroy_refuses_a_checkpoint_missing_an_indexed_tensor(ckpts, tmp_path, capsys):
+    """The index lists every tensor, a shard lacks one: writing the rest would let from_pretrained initialise the
+    missing weight at random."""
+    folder = _edit_index(ckpts["la"], tmp_path / "la", _drop_from_its_shard)
+    out = tmp_path / "runs" / "d"
+    assert sfn_main(["destroy", str(folder), "--modules", "o_proj", "--layers", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "and its shards disagree" in err and "no shard holds it" in err
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------ atomic output with overwrite
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """The new folder cannot be renamed in: the old one is still there, whole, and nothing else is left behind."""
+    import errno
+
+    from sfn_train.checkpoint import atomic_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "result.txt").write_text("old")
+    rename = os.replace
+
+    def new_cannot_move_in(src, dst):
+        if Path(src).name.startswith(".tmp-out-"):
+            assert not Path(dst).exists()  # renamed in only once the old folder is out of the way ...
+            assert [p for p in tmp_path.iterdir() if p.name.startswith(".old-out-")]  # ... kept aside, not deleted
+            raise OSError(errno.EIO, "Input/output error")
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", new_cannot_move_in)
+    with pytest.raises(OSError, match="Input/output error"):
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "result.txt").write_text("new")
+    assert (out / "result.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    monkeypatch.undo()
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "result.txt").write_text("new")
+    assert (out / "result.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

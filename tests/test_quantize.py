@@ -14,7 +14,17 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, changed_tensors, load_tensors, one_line_error, train_recipe
+from conftest import (
+    REPO,
+    RUN_RECORDS,
+    changed_tensors,
+    load_tensors,
+    one_line_error,
+    run_with_callbacks,
+    step_watcher,
+    train_recipe,
+    with_run_records,
+)
 from sfn_train.cli import main
 
 O_PROJ = {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(4)}
@@ -63,22 +73,29 @@ def test_tied_head_is_never_quantized():
 
 
 # --- training ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_base(tmp_path_factory, qwen2_base):
+    """The base as a finished run leaves it: its own trainer_state.json (step 476), results, manifest, model card."""
+    return with_run_records(qwen2_base, tmp_path_factory.mktemp("trained") / "base")
+
+
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
-def test_quantized_run_trains_the_selection_and_saves_the_full_precision_base(tmp_path, qwen2_base, sum_data, mode):
+def test_quantized_run_trains_the_selection_and_saves_the_full_precision_base(tmp_path, trained_base, sum_data, mode):
     from safetensors.torch import load_file
 
-    out = train(tmp_path, qwen2_base, sum_data, quantize_frozen=mode)
+    watcher = step_watcher(O_PROJ)
+    out = run_with_callbacks(train_recipe(tmp_path, trained_base, sum_data, quantize_frozen=mode), watcher)
 
     # exactly the selection changed; every other tensor is bitwise the base's (re-read from its files, not dequantized)
-    changed, unchanged = changed_tensors(qwen2_base, out)
+    changed, unchanged = changed_tensors(trained_base, out)
     assert changed == O_PROJ and len(unchanged) == 47
     tensors = load_tensors(out)
     assert all(t.dtype == torch.float32 for t in tensors.values())  # nothing saved as uint8/int8 + quant stats
 
-    # the plugin holds the trained tensors in full precision, and base + plugin is the saved checkpoint
+    # the plugin and the checkpoint hold the live model's trained tensors at the end of training, in full precision
     plugin = load_file(out / "sfn_plugin.safetensors")
     assert set(plugin) == O_PROJ and all(plugin[n].dtype == torch.float32 for n in plugin)
-    assert all(torch.equal(plugin[n], tensors[n]) for n in plugin)
+    assert all(torch.equal(plugin[n], watcher.final[n]) and torch.equal(tensors[n], watcher.final[n]) for n in O_PROJ)
 
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
@@ -87,7 +104,14 @@ def test_quantized_run_trains_the_selection_and_saves_the_full_precision_base(tm
     summary = manifest["selection"]["quantize_frozen"]
     assert summary["quantized_linears"] == 4 * 7 - 4 and summary["full_precision_linears"][-1] == "lm_head"
     assert summary["weight_bytes_after"] < summary["weight_bytes_before"]
-    assert (out / "tokenizer.json").exists() and (out / "trainer_state.json").exists()
+
+    # the output is rebuilt from the base's folder: it takes the model's files from there, and none of the base
+    # run's records -- the loss curve is this run's (4 steps), not the base's (476)
+    assert (out / "tokenizer.json").exists() and (out / "chat_template.jinja").exists()
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    for name in RUN_RECORDS:
+        assert not (out / name).exists() or (out / name).read_text() != RUN_RECORDS[name], name
 
 
 def test_any_selection_trains_through_8bit(tmp_path, qwen2_base, sum_data):
@@ -99,8 +123,9 @@ def test_any_selection_trains_through_8bit(tmp_path, qwen2_base, sum_data):
     assert changed == set(select_names(list(load_tensors(qwen2_base)), ["q_proj", "down_proj"], [0, 3]))
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, qwen2_base, sum_data):
-    """checkpoint-N folders hold the quantized model (for resuming only); resuming re-quantizes the same base."""
+def test_resume_runs_only_the_remaining_steps_and_gives_the_same_weights(tmp_path, qwen2_base, sum_data):
+    """checkpoint-N folders hold the quantized model (for resuming only); resuming re-quantizes the same base and runs
+    steps 3-4 only (a run that restarted from step 0 would end on the same weights)."""
     import shutil
 
     save = dict(max_steps=4, save_strategy="steps", save_steps=2, quantize_frozen="4bit")
@@ -109,10 +134,16 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, qwen2_b
     (tmp_path / "resumed" / "out").mkdir(parents=True)
     out = tmp_path / "resumed" / "out"
     shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
-    train(tmp_path / "resumed", qwen2_base, sum_data, resume_from_checkpoint="true", **save)
+    watcher = step_watcher()
+    run_with_callbacks(train_recipe(tmp_path / "resumed", qwen2_base, sum_data, resume_from_checkpoint="true", **save),
+                       watcher)
+    assert (watcher.start_step, watcher.steps) == (2, 2)
+    steps = json.loads((out / "sfn_manifest.json").read_text())["engine"]["steps"]
+    assert steps == {"resumed_at": 2, "run_in_this_process": 2}  # the run's own record says the same
     resumed, expected = load_tensors(out), load_tensors(reference)
     assert changed_tensors(qwen2_base, out)[0] == O_PROJ
     assert all(torch.equal(resumed[n], expected[n]) for n in expected)
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
 
 
 LOAD_WITHOUT_BNB = r"""

@@ -136,7 +136,14 @@ def kill_and_resume(tmp_path, base, data, processes: int, **keys) -> None:
                            **{**__import__("yaml").safe_load(recipe.read_text()), "resume_from_checkpoint": True})
     log = run_to_end(resumed, processes)
     assert f"resume: from {start}" in log
-    assert json.loads((out / "sfn_manifest.json").read_text())["status"] == "complete"
+    manifest = json.loads((out / "sfn_manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    # Training is deterministic: a resumed run that silently started over would end on the same weights. What the
+    # Trainer ran shows it did not: it started at the checkpoint's step and ran only the remaining optimizer steps.
+    start_step = int(start.name.split("-")[1])
+    assert manifest["engine"]["steps"] == {"resumed_at": start_step,
+                                           "run_in_this_process": keys["max_steps"] - start_step}
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == keys["max_steps"]
     assert_same_weights(out, reference)
 
 
@@ -218,6 +225,8 @@ def test_resume_skips_incomplete_checkpoints(tmp_path, qwen2_base, sum_data, ref
     assert "skipping incomplete checkpoint-6 (trainer_state.json is missing" in caplog.text
     assert "skipping incomplete checkpoint-4 (model.safetensors is truncated" in caplog.text
     assert f"resume: from {out / 'checkpoint-2'}" in caplog.text
+    steps = json.loads((out / "sfn_manifest.json").read_text())["engine"]["steps"]
+    assert steps == {"resumed_at": 2, "run_in_this_process": 4}  # steps 3-6 ran, not 1-6
     assert_same_weights(out, reference_run)
     assert problems(out / "checkpoint-6") == [] and problems(out / "checkpoint-4") == []  # rewritten whole
 
@@ -496,20 +505,26 @@ def test_trust_remote_code_defaults_false_and_reaches_from_pretrained(tmp_path, 
     assert calls["AutoModelForCausalLM"]["trust_remote_code"] is False
 
 
+SCANNED = ("sfn_train", "bench", "train")  # every Python file shipped or run by users (tests only run themselves)
+
+
 def test_no_unsafe_deserialization_or_shell_in_the_package():
     """Weights only via safetensors or torch.load(weights_only=True); YAML only via safe_load; no shell."""
     unsafe = []
-    for path in (REPO / "sfn_train").rglob("*.py"):
+    files = sorted(path for folder in SCANNED for path in (REPO / folder).rglob("*.py"))
+    assert {p.relative_to(REPO).parts[0] for p in files} == set(SCANNED)
+    assert REPO / "bench" / "gadgets.py" in files and REPO / "train" / "sft.py" in files
+    for path in files:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
             if re.search(r"torch\.load\(", code) and "weights_only=True" not in code:
-                unsafe.append(f"{path.name}:{number}: torch.load without weights_only=True")
+                unsafe.append(f"{path.relative_to(REPO)}:{number}: torch.load without weights_only=True")
             if re.search(r"\bpickle\.loads?\(|\bdill\.|\bjoblib\.load\(|\bmarshal\.loads?\(", code):
-                unsafe.append(f"{path.name}:{number}: unpickling")
+                unsafe.append(f"{path.relative_to(REPO)}:{number}: unpickling")
             if re.search(r"shell\s*=\s*True|os\.system\(|os\.popen\(", code):
-                unsafe.append(f"{path.name}:{number}: shell")
+                unsafe.append(f"{path.relative_to(REPO)}:{number}: shell")
             if re.search(r"yaml\.(unsafe_)?load\(", code) or "yaml.Loader" in code:
-                unsafe.append(f"{path.name}:{number}: unsafe YAML")
+                unsafe.append(f"{path.relative_to(REPO)}:{number}: unsafe YAML")
             if re.search(r"trust_remote_code\s*=\s*True", code):
-                unsafe.append(f"{path.name}:{number}: trust_remote_code=True")
+                unsafe.append(f"{path.relative_to(REPO)}:{number}: trust_remote_code=True")
     assert unsafe == []

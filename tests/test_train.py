@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from conftest import changed_tensors, load_tensors, one_line_error, train_recipe
+from conftest import changed_tensors, load_tensors, one_line_error, run_with_callbacks, step_watcher, train_recipe
 from sfn_train.cli import main
 from sfn_train.manifest import manifest_problems
 from sfn_train.roles import select_names
@@ -50,14 +50,19 @@ def test_plugin_holds_exactly_the_trained_tensors_and_rebuilds_the_checkpoint(tm
     from sfn_train.checkpoint import fingerprint
     from sfn_train.plugin import read_plugin_metadata
 
-    out = train(tmp_path, qwen2_base, sum_data)
+    watcher = step_watcher(O_PROJ)
+    out = run_with_callbacks(train_recipe(tmp_path, qwen2_base, sum_data), watcher)
     plugin = load_file(out / "sfn_plugin.safetensors")
-    assert set(plugin) == O_PROJ
+    assert set(plugin) == O_PROJ == set(watcher.final)
+    base, tuned = load_tensors(qwen2_base), load_tensors(out)
+    for name in O_PROJ:  # against the live model at the end of training, not the checkpoint the plugin is cut from
+        assert torch.equal(plugin[name], watcher.final[name]) and torch.equal(tuned[name], watcher.final[name])
+        assert not torch.equal(plugin[name], base[name])
     meta = read_plugin_metadata(out / "sfn_plugin.safetensors")
     assert meta["base_fingerprint"] == fingerprint(qwen2_base)
-    rebuilt = {**load_tensors(qwen2_base), **plugin}
-    tuned = load_tensors(out)
+    rebuilt = {**base, **plugin}
     assert all(torch.equal(rebuilt[n], tuned[n]) for n in tuned)
+    assert json.loads((out / "sfn_manifest.json").read_text())["plugin"] == {"file": "sfn_plugin.safetensors"}
 
 
 def test_trainable_layers_flag_overrides_the_recipe(tmp_path, qwen2_base, sum_data):
@@ -74,10 +79,21 @@ def test_several_roles_and_layer_list(tmp_path, qwen2_base, sum_data):
     assert "model.layers.0.self_attn.q_proj.bias" in changed
 
 
-def test_all_is_a_full_fine_tune(tmp_path, qwen2_base, sum_data):
+def test_all_is_a_full_fine_tune_without_a_plugin_copy(tmp_path, qwen2_base, sum_data, caplog, capsys):
+    """A full fine-tune leaves one checkpoint, as in TRL: its plugin would be a second full copy of it."""
+    caplog.set_level(logging.INFO, logger="sfn_train")
     out = train(tmp_path, qwen2_base, sum_data, trainable_modules="all")
     changed, unchanged = changed_tensors(qwen2_base, out)
     assert unchanged == set() and len(changed) == 51
+    assert not (out / "sfn_plugin.safetensors").exists()
+    plugin = json.loads((out / "sfn_manifest.json").read_text())["plugin"]
+    assert plugin["file"] is None and "trains every parameter" in plugin["skipped"]
+    assert "plugin: not written: the selection trains every parameter" in caplog.text
+    # the plugin commands say why there is no plugin instead of "file not found"
+    capsys.readouterr()
+    assert main(["plugin", "apply", str(qwen2_base), str(out / "sfn_plugin.safetensors"),
+                 "--out", str(tmp_path / "applied")]) == 2
+    assert f"the run in {out} wrote none because the selection trains every parameter" in one_line_error(capsys)
 
 
 def test_paper_f1_on_tied_llama(tmp_path, llama_tied_base, sum_data):
@@ -88,13 +104,82 @@ def test_paper_f1_on_tied_llama(tmp_path, llama_tied_base, sum_data):
     assert changed == {"model.embed_tokens.weight"} | norms
 
 
-@pytest.mark.parametrize("reentrant", [None, True])
-def test_activation_checkpointing_with_frozen_inputs_still_trains(tmp_path, qwen2_base, sum_data, reentrant):
-    """Reentrant checkpointing with frozen embeddings silently yields no gradients (transformers #21381)."""
-    kwargs = {"use_reentrant": reentrant} if reentrant is not None else {}
-    out = train(tmp_path, qwen2_base, sum_data, gradient_checkpointing=True, gradient_checkpointing_kwargs=kwargs)
-    changed, _ = changed_tensors(qwen2_base, out)
-    assert changed == O_PROJ
+def frozen_tiny_model():
+    from sfn_train.roles import apply_freeze, select_parameters
+    from sfn_train.tiny import tiny_model
+
+    model = tiny_model("qwen2")
+    apply_freeze(model, select_parameters(model, ["o_proj"]))
+    return model
+
+
+def embeddings_pass_gradients(model) -> bool:
+    """Whether the (frozen) input embeddings' output requires grad: what reentrant checkpointing needs."""
+    return model.get_input_embeddings()(torch.tensor([[5, 6, 7]])).requires_grad
+
+
+@pytest.mark.parametrize("given, reentrant", [(None, False), ({}, False), ({"use_reentrant": False}, False),
+                                              ({"use_reentrant": True}, True)])
+def test_configure_activation_checkpointing(tmp_path, qwen2_base, sum_data, given, reentrant):
+    """Non-reentrant unless the recipe insists; reentrant gets input gradients on the frozen embeddings."""
+    from sfn_train.config import parse_recipe
+    from sfn_train.train import configure_activation_checkpointing
+
+    keys = {"gradient_checkpointing": True} | ({} if given is None else {"gradient_checkpointing_kwargs": given})
+    training_args = parse_recipe(["--config", str(train_recipe(tmp_path, qwen2_base, sum_data, **keys))])[1]
+    model = frozen_tiny_model()
+    assert not embeddings_pass_gradients(model)
+    configure_activation_checkpointing(model, training_args)
+    assert training_args.gradient_checkpointing_kwargs == {"use_reentrant": reentrant}
+    assert training_args.activation_checkpointing_kwargs == {"use_reentrant": reentrant}
+    assert embeddings_pass_gradients(model) is reentrant
+
+
+def test_transformers_checkpointing_default_is_non_reentrant_with_input_gradients():
+    """What the Trainer does on its own (transformers 5.24): non-reentrant, and input gradients enabled anyway.
+
+    This is why a training run cannot tell whether configure_activation_checkpointing ran. If this test fails,
+    transformers changed its default: then configure_activation_checkpointing is what keeps o_proj training under
+    activation checkpointing, and the end-to-end tests below must be rerun with it stubbed out.
+    """
+    model = frozen_tiny_model()
+    model.activation_checkpointing_enable()  # as Trainer.__init__ calls it for a recipe without kwargs
+    assert model.model.layers[0]._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+    assert embeddings_pass_gradients(model)
+
+
+def test_activation_checkpointing_with_frozen_inputs_still_trains(tmp_path, qwen2_base, sum_data):
+    out = train(tmp_path, qwen2_base, sum_data, gradient_checkpointing=True)
+    assert changed_tensors(qwen2_base, out)[0] == O_PROJ
+
+
+def test_reentrant_checkpointing_trains_where_transformers_leaves_input_gradients_off(tmp_path, qwen2_base, sum_data,
+                                                                                      monkeypatch):
+    """Reentrant checkpointing with frozen embeddings yields no gradients (transformers #21381). transformers 5.24
+    enables input gradients itself; older releases (and any model it does not do this for) did not: with that
+    behaviour, only configure_activation_checkpointing makes o_proj train."""
+    from transformers import PreTrainedModel
+
+    inside = []
+    enable_checkpointing = PreTrainedModel._activation_checkpointing_enable
+    enable_input_grads = PreTrainedModel.enable_input_require_grads
+
+    def checkpointing_without_input_grads(self, *args, **kwargs):
+        inside.append(True)
+        try:
+            return enable_checkpointing(self, *args, **kwargs)
+        finally:
+            inside.pop()
+
+    def input_grads_unless_from_checkpointing(self):
+        if not inside:
+            enable_input_grads(self)
+
+    monkeypatch.setattr(PreTrainedModel, "_activation_checkpointing_enable", checkpointing_without_input_grads)
+    monkeypatch.setattr(PreTrainedModel, "enable_input_require_grads", input_grads_unless_from_checkpointing)
+    out = train(tmp_path, qwen2_base, sum_data, gradient_checkpointing=True,
+                gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert changed_tensors(qwen2_base, out)[0] == O_PROJ
 
 
 def test_messages_rows_train_on_the_assistant_turn(tmp_path, qwen2_base):
@@ -131,6 +216,37 @@ def test_flash_attention_falls_back_to_sdpa_without_a_gpu(tmp_path, qwen2_base, 
     assert changed_tensors(qwen2_base, out)[0] == O_PROJ
 
 
+# (attention requested, packing_strategy, packing after resolve_attention). BFD packing makes padding-free batches;
+# resolve_attention keeps them where they are verified correct (FlashAttention: tests/test_attention.py; sdpa, eager)
+# and switches packing off elsewhere, saying so. Where that decision changes, change this table.
+PACKING_GUARD = [
+    ("sdpa", "bfd", True),
+    ("eager", "bfd", True),
+    (None, "bfd", True),  # transformers' default, sdpa
+    ("sdpa", "bfd_split", True),
+    ("flex_attention", "bfd", False),
+    ("flex_attention", "bfd_split", False),
+    ("flex_attention", "wrapped", True),  # wrapped packing is not padding-free: no kernel requirement
+]
+
+
+@pytest.mark.parametrize("attention, strategy, packing", PACKING_GUARD)
+def test_packing_guard_does_what_resolve_attention_decides_and_logs_it(tmp_path, qwen2_base, sum_data, caplog,
+                                                                       attention, strategy, packing):
+    from sfn_train.config import parse_recipe
+    from sfn_train.startup import resolve_attention
+
+    keys = {"packing": True, "packing_strategy": strategy} | ({"attn_implementation": attention} if attention else {})
+    _, training_args, model_args, _ = parse_recipe(["--config", str(train_recipe(tmp_path, qwen2_base, sum_data,
+                                                                                  **keys))])
+    caplog.set_level(logging.WARNING, logger="sfn_train")
+    decision = resolve_attention(model_args, training_args)
+    assert training_args.packing is packing and decision["packing"] is packing
+    assert decision["used"] == attention
+    disabled_line = f"packing with strategy {strategy} switched off (it makes padding-free batches)"
+    assert (disabled_line in caplog.text) is (not packing)
+
+
 def test_frozen_parameters_get_no_optimizer_state(qwen2_base, sum_data, tmp_path):
     """The optimizer holds only the selected tensors: no Adam moments for frozen weights (DeepSpeed #2615)."""
     from sfn_train.config import parse_recipe
@@ -149,20 +265,31 @@ def test_frozen_parameters_get_no_optimizer_state(qwen2_base, sum_data, tmp_path
     assert in_optimizer == trainable and len(trainable) == 4
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, qwen2_base, sum_data):
-    """Resuming from the step-2 checkpoint of a 4-step run reproduces that run's final weights bitwise."""
+def test_resume_runs_only_the_remaining_steps_and_gives_the_same_weights(tmp_path, qwen2_base, sum_data):
+    """Resuming from the step-2 checkpoint of a 4-step run runs steps 3-4 only and ends bitwise on that run's weights.
+
+    Training is deterministic, so a run that silently restarted from step 0 would end on the same weights: the steps
+    that ran are what shows it resumed.
+    """
     import shutil
 
     save = dict(max_steps=4, save_strategy="steps", save_steps=2)
     (tmp_path / "full").mkdir()
-    reference = train(tmp_path / "full", qwen2_base, sum_data, **save)
+    full = step_watcher()
+    reference = run_with_callbacks(train_recipe(tmp_path / "full", qwen2_base, sum_data, **save), full)
     assert (reference / "checkpoint-2").is_dir()
+    assert (full.start_step, full.steps) == (0, 4)
 
     (tmp_path / "resumed").mkdir()
     out = tmp_path / "resumed" / "out"
     out.mkdir()
     shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
-    train(tmp_path / "resumed", qwen2_base, sum_data, resume_from_checkpoint="true", **save)
+    resumed_run = step_watcher()
+    run_with_callbacks(train_recipe(tmp_path / "resumed", qwen2_base, sum_data, resume_from_checkpoint="true", **save),
+                       resumed_run)
+    assert (resumed_run.start_step, resumed_run.steps) == (2, 2)
+    steps = json.loads((out / "sfn_manifest.json").read_text())["engine"]["steps"]
+    assert steps == {"resumed_at": 2, "run_in_this_process": 2}  # the run's own record says the same
     resumed, expected = load_tensors(out), load_tensors(reference)
     assert changed_tensors(qwen2_base, out)[0] == O_PROJ
     assert all(torch.equal(resumed[n], expected[n]) for n in expected)
