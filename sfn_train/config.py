@@ -83,6 +83,11 @@ def platform_defaults() -> dict:
     return {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}
 
 
+# Batching keys a recipe may leave unset: the run then picks the fastest correct choice for its attention kernel
+# (sfn_train.startup.resolve_batching), instead of TRL's fixed padded, randomly sampled batches.
+BATCHING_DEFAULTS = {"padding_free": None, "train_sampling_strategy": "auto"}
+
+
 def make_parser():
     """The recipe parser (a `TrlParser`); built on first use so that importing this module does not import TRL."""
     return _recipe_parser_class()()
@@ -105,7 +110,7 @@ def _recipe_parser_class():
             from trl import ModelConfig, ScriptArguments, SFTConfig
 
             super().__init__((ScriptArguments, SFTConfig, ModelConfig, SfnArguments), exit_on_error=False)
-            self.set_defaults(**platform_defaults())
+            self.set_defaults(**platform_defaults(), **BATCHING_DEFAULTS)
 
         def error(self, message):  # argparse's remaining exits (a flag without its value, ...): one line instead
             raise SfnError(f"{message}; see `sfn train --help` for the valid keys.")

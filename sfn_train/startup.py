@@ -160,9 +160,53 @@ def resolve_attention(model_args, training_args) -> dict:
                                training_args.packing_strategy, why)
                 training_args.packing = False
             padding_free_reason = f"off: {why}"
+    batching = resolve_batching(kernel, training_args)
     return {"requested": requested, "used": used, "fallback_reason": reason, "flash": flash,
             "padding_free": training_args.padding_free, "packing": training_args.packing,
-            "padding_free_reason": padding_free_reason}
+            "padding_free_reason": padding_free_reason, **batching}
+
+
+# Which batching is fastest where padding-free batches are correct (measured with bench/batching.py --data
+# length-mix, README "Measured"): with a FlashAttention kernel a padding-free batch does exactly its rows' own work,
+# so it is the default there. With sdpa and eager the block-diagonal mask spans the whole concatenated batch
+# (attention costs (sum of lengths)^2 instead of the sum of length^2, plus the mask), and padded batches of rows of
+# similar length (sfn_train/batching.py) measured faster than padding-free batches on the length mix; so a recipe
+# that leaves the keys unset gets those on sdpa and eager.
+AUTO_SAMPLING = "auto"  # train_sampling_strategy left unset by the recipe (config.BATCHING_DEFAULTS)
+
+
+def resolve_batching(kernel: str, training_args) -> dict:
+    """The batching keys the recipe left unset (`padding_free: None`, `train_sampling_strategy: auto`) become the
+    fastest correct choice for `kernel`; a value the recipe set is kept (resolve_attention has already refused the
+    incorrect ones). Returns the decision and its reasons for the manifest, and logs them in one line."""
+    from .batching import LENGTH_BUCKETS
+
+    reasons = []
+    batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    if training_args.padding_free is None:
+        why_not = ("packing decides the batches" if training_args.packing else
+                   "batches of one row have no padding" if batch == 1 else
+                   f"with {kernel} the mask of a padding-free batch spans all its rows: padded batches of similar "
+                   "rows measured faster" if not is_flash_kernel(kernel) else
+                   f"max_length is {training_args.max_length} and padding-free rows are not truncated (TRL); "
+                   "`max_length: null` allows them" if training_args.max_length is not None else None)
+        training_args.padding_free = why_not is None
+        reasons.append(f"padding_free off by default: {why_not}" if why_not else
+                       f"padding_free on by default: {kernel} runs the rows with its varlen kernel, no padding")
+        if training_args.padding_free and training_args.use_cache:
+            training_args.use_cache = False  # a cache makes transformers mix the rows (see resolve_attention)
+    if training_args.train_sampling_strategy in (None, AUTO_SAMPLING):
+        no_grouping = ("packed rows" if training_args.packing else "padding-free batches have no padding"
+                       if training_args.padding_free else "batches of one row" if batch == 1 else None)
+        training_args.train_sampling_strategy = "random" if no_grouping else LENGTH_BUCKETS
+        reasons.append(f"random sampling by default ({no_grouping})" if no_grouping else
+                       "padded batches of rows of similar length, in random order, by default (less padding, "
+                       "measured faster; unlike group_by_length no length-sorted runs of steps)")
+    decided = {"train_sampling_strategy": training_args.train_sampling_strategy, "batching_reasons": reasons}
+    logger.info("batching with attention %s: padding_free %s, packing %s, sampling %s (%s)", kernel,
+                bool(training_args.padding_free), training_args.packing_strategy if training_args.packing else "off",
+                training_args.train_sampling_strategy, "; ".join(reasons) or "as the recipe sets")
+    return decided
 
 
 def _first_line(exc) -> str:

@@ -25,6 +25,7 @@ from .engine import (
     warn_fsdp_low_precision,
 )
 from .errors import SfnError, disk_full_error, is_disk_full
+from .lean_imports import KEEP_ENV
 from .outputs import (
     Selection,
     base_fingerprint,
@@ -190,6 +191,15 @@ def check_assistant_masks(tokenizer) -> None:
                        "markers to the template, or set assistant_only_loss: false.") from None
 
 
+def build_trainer(model, training_args, train_dataset, tokenizer, callbacks=None):
+    """The engine's trainer (TRL's SFTTrainer, FSDP2 on CPU kept: engine.py), sampling length buckets where
+    resolve_batching chose them (sfn_train/batching.py)."""
+    from .batching import sft_trainer_class
+
+    return sft_trainer_class(trainer_class())(model=model, args=training_args, train_dataset=train_dataset,
+                                              processing_class=tokenizer, callbacks=callbacks)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------------------------
@@ -198,9 +208,13 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     from accelerate import PartialState
     from transformers import set_seed
 
+    from .lean_imports import blocked_packages
     from .manifest import MANIFEST_FILE, write_json
 
     setup_logging(training_args)
+    if blocked_packages():
+        logger.info("kept out of this process (unused by training): %s; %s=1 keeps them",
+                    ", ".join(blocked_packages()), KEEP_ENV)
     args = (script_args, training_args, model_args, sfn_args)
 
     ################
@@ -262,8 +276,8 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     ################
     precision = precision_probe(model, selection.trainable_tensors, masters, training_args)
     router_logits_as_loaded = getattr(model.config.get_text_config(), "output_router_logits", None)
-    trainer = trainer_class()(model=model, args=training_args, train_dataset=train_dataset,
-                              processing_class=tokenizer, callbacks=[precision, *(callbacks or [])])
+    trainer = build_trainer(model, training_args, train_dataset, tokenizer, [precision, *(callbacks or [])])
+    attention["padding_free"] = bool(getattr(trainer.data_collator, "padding_free", False))  # the live collator's
     engine_check = engine_check_callback(trainer, engine)
     trainer.add_callback(engine_check)
     log_router_aux_loss(trainer)
@@ -328,6 +342,9 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
 
 
 def cli_main(argv: list[str]) -> int:
+    from .lean_imports import keep_unused_packages_out
+
+    keep_unused_packages_out()  # first, before anything imports transformers (see sfn_train/lean_imports.py)
     from .config import parse_recipe, print_help
 
     if not argv or "-h" in argv or "--help" in argv:

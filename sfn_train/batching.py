@@ -1,0 +1,63 @@
+"""Padded batches of rows of similar length, in random order: less padding without a length curriculum.
+
+transformers' `group_by_length` (LengthGroupedSampler) splits a random permutation into mega-batches of 50 batches
+and sorts each mega-batch by length, longest first: a run of 50 steps then goes from the longest rows to the
+shortest, every epoch. That order is a curriculum, and it changes what a fine-tune learns (measured on the lab,
+bench/batch_composition.py: README "Measured"). `LengthBucketSampler` makes the same length-homogeneous batches --
+the same padding saved -- and then shuffles the batches, so no run of steps is ordered by length.
+
+The sampler yields row indices (the DataLoader cuts them into batches of `batch_size`); every chunk of `batch_size`
+consecutive indices is one bucket. Seeded from torch's global generator at each epoch, like transformers' samplers, so
+a run is reproducible from its seed and the order differs between epochs.
+"""
+
+from __future__ import annotations
+
+LENGTH_BUCKETS = "length_buckets"  # the train_sampling_strategy value sfn resolves to (not a transformers value)
+
+
+def length_bucket_order(lengths: list[int], batch_size: int, generator=None, mega_batch_mult: int = 50) -> list[int]:
+    """Indices whose consecutive chunks of `batch_size` are rows of similar length; the chunks in random order."""
+    import torch
+
+    n = len(lengths)
+    permutation = torch.randperm(n, generator=generator).tolist()
+    megabatch = max(1, mega_batch_mult) * batch_size
+    full, partial = [], []
+    for start in range(0, n, megabatch):
+        rows = sorted(permutation[start:start + megabatch], key=lambda i: lengths[i])
+        for b in range(0, len(rows), batch_size):
+            (full if len(rows[b:b + batch_size]) == batch_size else partial).append(rows[b:b + batch_size])
+    order = torch.randperm(len(full), generator=generator).tolist()
+    # a short bucket (at most one per mega-batch) goes last, so that it never shifts the later buckets' boundaries
+    return [i for k in order for i in full[k]] + [i for bucket in partial for i in bucket]
+
+
+class LengthBucketSampler:
+    """A torch Sampler over `lengths` yielding `length_bucket_order` afresh at every epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator=None):
+        self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        return iter(length_bucket_order(self.lengths, self.batch_size, self.generator))
+
+
+def sft_trainer_class(base=None):
+    """`base` (TRL's SFTTrainer or a subclass of it), sampling length buckets when `train_sampling_strategy`
+    resolved to LENGTH_BUCKETS."""
+    if base is None:
+        from trl import SFTTrainer as base
+
+    class SfnSFTTrainer(base):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy != LENGTH_BUCKETS:
+                return super()._get_train_sampler(train_dataset)
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            return LengthBucketSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
+
+    return SfnSFTTrainer
