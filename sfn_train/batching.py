@@ -1,10 +1,11 @@
 """Padded batches of rows of similar length, in random order: less padding without a length curriculum.
 
-transformers' `group_by_length` (LengthGroupedSampler) splits a random permutation into mega-batches of 50 batches
-and sorts each mega-batch by length, longest first: a run of 50 steps then goes from the longest rows to the
-shortest, every epoch. That order is a curriculum, and it changes what a fine-tune learns (measured on the lab,
-bench/batch_composition.py: README "Measured"). `LengthBucketSampler` makes the same length-homogeneous batches --
-the same padding saved -- and then shuffles the batches, so no run of steps is ordered by length.
+transformers' `group_by_length` (LengthGroupedSampler) splits a random permutation into mega-batches of up to 50
+batches (fewer on a small data set: a quarter of it at most) and sorts each mega-batch by length, longest first: a
+run of steps then goes from the longest rows to the shortest, every epoch, which is a length curriculum nobody asked
+for. `LengthBucketSampler` sorts mega-batches of 50 batches into length-homogeneous batches and then shuffles the
+batches, so no run of steps is ordered by length. Whether a fine-tune learns as well from them as from random
+batches is measured on the lab (bench/batch_composition.py, README "Measured").
 
 The sampler yields row indices (the DataLoader cuts them into batches of `batch_size`); every chunk of `batch_size`
 consecutive indices is one bucket. Seeded from torch's global generator at each epoch, like transformers' samplers, so
