@@ -48,6 +48,13 @@ class SfnArguments:
         metadata={"help": "Wrap plain-text prompt/completion rows as a user/assistant conversation when the "
                   "tokenizer has a chat template."},
     )
+    validation_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this fraction of the training rows as the validation split (picked by a hash of "
+                  "each row's content: independent of row order and seed, identical rows on the same side); it is "
+                  "evaluated when training ends (and per eval_strategy) and `sfn sweep` ranks runs on it. 0 = none, "
+                  "unless eval_strategy is set and the dataset has a `dataset_test_split` split (TRL's convention)."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow writing into a non-empty output_dir that is not being resumed."},
@@ -66,6 +73,8 @@ class SfnArguments:
             self.trainable_layers = [str(self.trainable_layers)]
         self.trainable_layers = [str(x) for x in self.trainable_layers]
         parse_layers(self.trainable_layers)  # validate early, before any model is loaded
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise SfnError(f"validation_fraction {self.validation_fraction} must be at least 0 and below 1 (e.g. 0.1).")
         if self.quantize_frozen not in QUANTIZE_CHOICES:
             raise SfnError(f"quantize_frozen {self.quantize_frozen!r} is invalid: use one of {', '.join(QUANTIZE_CHOICES)}.")
 

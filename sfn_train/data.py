@@ -144,3 +144,38 @@ def _check_rows(dataset, kind: str) -> None:
                 raise SfnError(f"row {index} has an empty `{field}`: fix or drop that row.")
             if kind == "messages" and not _is_messages(value):
                 raise SfnError(f"row {index} `messages` is not a list of {{role, content}} dicts: fix that row.")
+
+
+def row_hash_fraction(row: dict) -> float:
+    """A number in [0, 1) fixed by the row's content alone (sha256 of its canonical JSON)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_validation(dataset, fraction: float):
+    """(train, validation): rows whose content hash falls below `fraction` are held out.
+
+    Why a content hash rather than a seeded shuffle: the split is then the same whatever the row order, the seed or
+    the rows added later, so every run of a sweep (and a later run at the chosen rate) validates on the same rows;
+    and identical rows always land on the same side, so a duplicate can never put a validation row into training.
+    """
+    held = [row_hash_fraction(row) < fraction for row in dataset]
+    n_val = sum(held)
+    if n_val == 0 or n_val == len(held):
+        raise SfnError(f"validation_fraction {fraction} leaves {'no validation' if n_val == 0 else 'no training'} rows "
+                       f"out of {len(held)}: choose a fraction that splits the data.")
+    train = dataset.select([i for i, h in enumerate(held) if not h])
+    validation = dataset.select([i for i, h in enumerate(held) if h])
+    return train, validation
+
+
+def load_validation_rows(name: str, config: str | None, split: str):
+    """TRL's convention without validation_fraction: the dataset's own `dataset_test_split` split."""
+    path = Path(name)
+    if path.is_file():
+        raise SfnError(f"eval_strategy asks for a validation split, but dataset {name} is a single file with no "
+                       f"{split!r} split: set validation_fraction (e.g. 0.1) to hold out rows of it.")
+    return load_rows(name, config, split)

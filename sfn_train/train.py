@@ -127,15 +127,33 @@ def log_router_aux_loss(trainer) -> None:
 
 
 def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
-    from .data import load_rows, prepare_dataset
+    """(train dataset, validation dataset or None, row counts): the validation split is what the recipe declares,
+    `validation_fraction` of the training rows, or else (with eval_strategy) the dataset's `dataset_test_split`."""
+    from .data import load_rows, load_validation_rows, prepare_dataset, split_validation
 
     if not script_args.dataset_name:
         raise SfnError("dataset_name is not set: give a .jsonl/.json/.parquet file, a save_to_disk folder or a hub id.")
     rows = load_rows(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
+    validation = None
+    if sfn_args.validation_fraction > 0:
+        rows, validation = split_validation(rows, sfn_args.validation_fraction)
+        source = f"validation_fraction {sfn_args.validation_fraction} of {script_args.dataset_name} (row-content hash)"
+    elif str(training_args.eval_strategy) not in ("no", "IntervalStrategy.NO"):
+        validation = load_validation_rows(script_args.dataset_name, script_args.dataset_config,
+                                          script_args.dataset_test_split)
+        source = f"split {script_args.dataset_test_split!r} of {script_args.dataset_name}"
     chat = sfn_args.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-    dataset = prepare_dataset(rows, prompt_template=sfn_args.prompt_template,
-                              completion_template=sfn_args.completion_template, chat_template=chat,
-                              assistant_only_loss=training_args.assistant_only_loss)
+
+    def prepare(data):
+        return prepare_dataset(data, prompt_template=sfn_args.prompt_template,
+                               completion_template=sfn_args.completion_template, chat_template=chat,
+                               assistant_only_loss=training_args.assistant_only_loss)
+
+    dataset = prepare(rows)
+    counts = {"train_rows": len(dataset)}
+    if validation is not None:
+        validation = prepare(validation)
+        counts.update(validation_rows=len(validation), validation_source=source)
     if training_args.assistant_only_loss and not getattr(tokenizer, "chat_template", None):
         raise SfnError("assistant_only_loss needs a chat template, and this tokenizer has none: set "
                        "assistant_only_loss: false or use a model whose tokenizer defines one.")
@@ -147,7 +165,7 @@ def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise SfnError("the dataset has `messages` conversations but the tokenizer has no chat template: use a chat "
                        "model's tokenizer or give prompt/completion text rows.")
-    return dataset
+    return dataset, validation, counts
 
 
 def precision_probe(model, trainable, masters, training_args):
@@ -191,13 +209,14 @@ def check_assistant_masks(tokenizer) -> None:
                        "markers to the template, or set assistant_only_loss: false.") from None
 
 
-def build_trainer(model, training_args, train_dataset, tokenizer, callbacks=None):
+def build_trainer(model, training_args, train_dataset, tokenizer, callbacks=None, eval_dataset=None):
     """The engine's trainer (TRL's SFTTrainer, FSDP2 on CPU kept: engine.py), sampling length buckets where
     resolve_batching chose them (sfn_train/batching.py)."""
     from .batching import sft_trainer_class
 
     return sft_trainer_class(trainer_class())(model=model, args=training_args, train_dataset=train_dataset,
-                                              processing_class=tokenizer, callbacks=callbacks)
+                                              eval_dataset=eval_dataset, processing_class=tokenizer,
+                                              callbacks=callbacks)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -235,7 +254,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     ################
     # trust_remote_code stays False unless the recipe sets it: loading a checkpoint must not run its code.
     tokenizer = load_train_tokenizer(model_args, training_args.trust_remote_code)
-    train_dataset = load_train_dataset(script_args, training_args, sfn_args, tokenizer)
+    train_dataset, eval_dataset, row_counts = load_train_dataset(script_args, training_args, sfn_args, tokenizer)
 
     ################
     # Model and selection
@@ -276,7 +295,8 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     ################
     precision = precision_probe(model, selection.trainable_tensors, masters, training_args)
     router_logits_as_loaded = getattr(model.config.get_text_config(), "output_router_logits", None)
-    trainer = build_trainer(model, training_args, train_dataset, tokenizer, [precision, *(callbacks or [])])
+    trainer = build_trainer(model, training_args, train_dataset, tokenizer, [precision, *(callbacks or [])],
+                            eval_dataset=eval_dataset)
     attention["padding_free"] = bool(getattr(trainer.data_collator, "padding_free", False))  # the live collator's
     engine_check = engine_check_callback(trainer, engine)
     trainer.add_callback(engine_check)
@@ -293,7 +313,9 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
         if is_disk_full(exc, output_dir):
             raise disk_full_error(output_dir, "a half-written checkpoint-* there is skipped when you resume") from None
         raise
-    metrics = {**result.metrics, "wall_s": time.perf_counter() - started, **peak_gpu_memory()}
+    metrics = {**result.metrics, "wall_s": time.perf_counter() - started, **peak_gpu_memory(), **row_counts}
+    if eval_dataset is not None:  # the validation split is always scored on the final weights (sweeps rank on it)
+        metrics.update(trainer.evaluate())
     if getattr(trainer, "aux_loss_enabled", False):
         metrics["router_aux_loss_coef"] = trainer.router_aux_loss_coef
         # TRL turned the config's output_router_logits on for training; saved on, every forward of the fine-tune

@@ -585,3 +585,19 @@ def test_checkpoint_generation_defaults_do_not_leak(qwen2_base, tmp_path):
     model, tok = load_hf_model(ModelSpec(str(ckpt)), GenerationSettings(device="cpu"))
     assert model.generation_config.top_k is None and model.generation_config.repetition_penalty is None
     assert eos_token_ids(str(ckpt), tok) == sorted({0, 2, tok.eos_token_id})
+
+
+def test_compare_plot_rows_are_grouped_and_sorted(two_results, tmp_path):
+    """One labelled row per model: groups in the order given, each sorted by pass@1, best first."""
+    from sfn_train.evaluation.plots import ordered_rows
+
+    rows = [{"model": m, "task": "t", "pass_at_1": v} for m, v in
+            [("A", 0.2), ("full", 0.6), ("oproj", 0.4), ("m1", 0.1), ("m2", 0.3), ("zero_q", 0.0)]]
+    groups = {"A": "fine-tunes", "full": "fine-tunes", "oproj": "fine-tunes", "m1": "merges", "m2": "merges",
+              "zero_q": "destruction"}
+    assert [(g, [r["model"] for r in rs]) for g, rs in ordered_rows(rows, "t", groups)] == [
+        ("fine-tunes", ["full", "oproj", "A"]), ("merges", ["m2", "m1"]), ("destruction", ["zero_q"])]
+    from sfn_train.evaluation import compare
+
+    result = compare(two_results, "base", tmp_path / "c.md", groups={"base": "g1", "other": "g2"})
+    assert all(p.stat().st_size > 0 for p in result["plots"])

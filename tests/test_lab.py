@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from sfn_train.lab import LAB_TASKS
+from sfn_train.evaluation.tasks import packaged_task_file
 from sfn_train.lab.problems import generate, shipped_tasks
 
 
 def test_shipped_tasks_are_what_the_generator_makes():
     for name, rows in shipped_tasks().items():
-        assert [json.loads(l) for l in LAB_TASKS[name].read_text().splitlines()] == rows
+        assert [json.loads(l) for l in packaged_task_file(name).read_text().splitlines()] == rows
 
 
 def test_problems_are_correct_and_distinct():

@@ -4,8 +4,10 @@ Why paired tests on shared problems only: a model is compared with the baseline 
 matched), so a run with `--limit` or a different task file cannot silently change the denominator. The verdict says
 "better"/"worse" only when the paired bootstrap p-value is below 0.05; otherwise "no significant difference".
 
-The plots are written next to the report: `<stem>_accuracy.png` (pass@1 with 95% CI error bars, grouped by task)
-and `<stem>_levels.png` (stacked shares of levels I-IV per model and task).
+The plots are written next to the report (`plots.py`): `<stem>_accuracy.png` (pass@1 with 95% CI, one labelled
+horizontal bar per model, grouped and sorted, baseline marked) and `<stem>_levels.png` (shares of levels I-IV in the
+same order). When models come from `sfn sweep` (or carry an `sfn train` manifest), a section states each model's
+learning rate and how it was chosen, next to its test result (`provenance.py`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ from .run import load_result
 from .stats import N_RESAMPLES, format_p, paired_bootstrap, pass_at_1
 
 ALPHA = 0.05
-LEVEL_COLORS = {"I": "#b2182b", "II": "#ef8a62", "III": "#67a9cf", "IV": "#1a9850"}
-LEVEL_NAMES = {"I": "I degenerate", "II": "II off task", "III": "III on task, wrong", "IV": "IV correct"}
 
 
 def _per_problem(result: dict) -> dict[str, float]:
@@ -29,8 +29,10 @@ def _per_problem(result: dict) -> dict[str, float]:
     return dict(zip(ids, values))
 
 
-def compare(files: list, baseline: str | None = None, out: str | os.PathLike = "compare.md", *, seed: int = 0) -> dict:
-    """Write the report and plots; return {"report", "plots", "rows"} (rows = one dict per model x task)."""
+def compare(files: list, baseline: str | None = None, out: str | os.PathLike = "compare.md", *, seed: int = 0,
+            groups: dict[str, str] | None = None) -> dict:
+    """Write the report and plots; return {"report", "plots", "rows"} (rows = one dict per model x task).
+    `groups` (label -> group name, e.g. fine-tunes / merges / destruction) groups the plots' rows."""
     if not files:
         raise SfnError("no eval result files to compare; pass the JSON files `sfn eval` wrote.")
     results = [load_result(f) for f in files]
@@ -83,8 +85,13 @@ def compare(files: list, baseline: str | None = None, out: str | os.PathLike = "
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plots = _plots(rows, labels, tasks, out)
-    out.write_text(_markdown(rows, baseline, notes, plots, files), encoding="utf-8")
+    from .plots import accuracy_plot, levels_plot
+    from .provenance import provenance_lines
+
+    plots = [accuracy_plot(rows, tasks, baseline, out.with_name(f"{out.stem}_accuracy.png"), groups),
+             levels_plot(rows, tasks, baseline, out.with_name(f"{out.stem}_levels.png"), groups)]
+    trained = provenance_lines(rows, {label: r for (label, _), r in by_key.items()})
+    out.write_text(_markdown(rows, baseline, notes, plots, files, trained), encoding="utf-8")
     return {"report": out, "plots": plots, "rows": rows}
 
 
@@ -94,7 +101,7 @@ def _sampling(result: dict) -> tuple:
                                     "chat_template", "end_of_thinking", "thinking_budget", "max_model_len"))
 
 
-def _markdown(rows, baseline, notes, plots, files) -> str:
+def _markdown(rows, baseline, notes, plots, files, trained=()) -> str:
     lines = [f"# Evaluation comparison (baseline: {baseline})", "",
              "pass@1 is averaged over each problem's samples; ± is the 95% bootstrap CI over problems, except where "
              "every problem scored the same (0/n, n/n): there the bootstrap has zero width and the 95% Wilson score "
@@ -114,6 +121,7 @@ def _markdown(rows, baseline, notes, plots, files) -> str:
         lines.append(f"| {r['model']} | {r['task']} | {acc} | {delta} | {r['verdict']} | "
                      + " | ".join(f"{100 * lv.get(k, 0):.0f}%" for k in ("I", "II", "III", "IV"))
                      + f" | {r['mean_tokens']:.0f} | {r['tokens_per_s']:.1f} |")
+    lines += ["", *trained] if trained else []
     lines += ["", "## Verdicts", ""]
     for r in rows:
         if r["delta"] is not None:
@@ -127,49 +135,3 @@ def _markdown(rows, baseline, notes, plots, files) -> str:
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Inputs", ""] + [f"- {f}" for f in files]
     return "\n".join(lines) + "\n"
-
-
-def _plots(rows, labels, tasks, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    acc_path = out.with_name(f"{out.stem}_accuracy.png")
-    lvl_path = out.with_name(f"{out.stem}_levels.png")
-    index = {(r["model"], r["task"]): r for r in rows}
-    width = 0.8 / max(1, len(labels))
-
-    fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(tasks) * max(1, len(labels)) ** 0.5 + 2), 4))
-    x = np.arange(len(tasks))
-    for j, label in enumerate(labels):
-        vals = [index.get((label, t)) for t in tasks]
-        heights = [100 * v["pass_at_1"] if v else 0 for v in vals]
-        err = np.array([[100 * (v["pass_at_1"] - v["ci_low"]) if v else 0 for v in vals],
-                        [100 * (v["ci_high"] - v["pass_at_1"]) if v else 0 for v in vals]])
-        ax.bar(x + (j - (len(labels) - 1) / 2) * width, heights, width, yerr=err, capsize=3, label=label)
-    ax.set_xticks(x, tasks)
-    ax.set_ylabel("pass@1 (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("pass@1 with 95% CI (bootstrap; W = Wilson, see report)")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(acc_path, dpi=120)
-    plt.close(fig)
-
-    names = [f"{r['model']}\n{r['task']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows) + 2), 4))
-    bottom = np.zeros(len(rows))
-    for level, color in LEVEL_COLORS.items():
-        share = np.array([100 * r["levels"].get(level, 0) for r in rows])
-        ax.bar(names, share, bottom=bottom, color=color, label=LEVEL_NAMES[level])
-        bottom += share
-    ax.set_ylabel("share of responses (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Response levels")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    fig.savefig(lvl_path, dpi=120)
-    plt.close(fig)
-    return [acc_path, lvl_path]

@@ -9,8 +9,10 @@ name. Built-in names (the paper's benchmarks) are resolved, in this order, from
 3. `$SFN_TASKS_DIR/<name>.jsonl`,
 4. the Hugging Face datasets hub, when reachable (the rows are converted to the shape above),
 
-and otherwise fail with an `SfnError` saying how to provide the file. `register_task` lets other code (the lab) add
-tasks that ship as local JSONL files; unknown `lab_*` names import `sfn_train.lab` once so that it can register them.
+and otherwise fail with an `SfnError` saying how to provide the file. Tasks that ship inside the package (the lab's
+`lab_reason`, `lab_onestep`) are JSONL files in `packaged_tasks/`, listed with their answer type and template in
+`packaged_tasks/index.json`: evaluation reads them as data and never imports the code that generated them (the lab
+depends on evaluation, not the reverse). `register_task` adds further local-file tasks at run time.
 
 Templates are filled with plain `str.replace` of `{problem}` and `{choices}` (never `str.format`), because the
 standard math instruction itself contains braces: `\\boxed{}`.
@@ -74,11 +76,32 @@ class TaskSpec:
 
 _REGISTRY: dict[str, TaskSpec] = {}
 
+PACKAGED_TASKS_DIR = Path(__file__).resolve().parent / "packaged_tasks"
+
+
+def packaged_task_file(name: str) -> Path:
+    """The JSONL file of a task that ships with the package (e.g. `lab_reason`)."""
+    spec = _REGISTRY.get(name)
+    if spec is None or not spec.path or Path(spec.path).parent != PACKAGED_TASKS_DIR:
+        raise SfnError(f"task {name!r} does not ship with the package; packaged tasks: {', '.join(_packaged_names())}.")
+    return Path(spec.path)
+
+
+def _packaged_names() -> list[str]:
+    return sorted(n for n, s in _REGISTRY.items() if s.path and Path(s.path).parent == PACKAGED_TASKS_DIR)
+
+
+def _register_packaged_tasks() -> None:
+    index = json.loads((PACKAGED_TASKS_DIR / "index.json").read_text(encoding="utf-8"))
+    for name, entry in index.items():
+        _REGISTRY[name] = TaskSpec(name, entry["answer_type"], entry["template"],
+                                   path=str(PACKAGED_TASKS_DIR / entry["file"]))
+
 
 def register_task(name: str, path: str | os.PathLike, answer_type: str = "exact", template: str | None = None) -> None:
     """Register a task that ships as a local JSONL file, so `sfn eval --task NAME` finds it.
 
-    Re-registering a name replaces it (the lab may rebuild its files in a new folder).
+    Re-registering a name replaces it.
     """
     if answer_type not in ANSWER_TYPES:
         raise SfnError(f"task {name!r}: answer type {answer_type!r} is unknown; use one of {', '.join(ANSWER_TYPES)}.")
@@ -151,6 +174,7 @@ for _name, _type, _hub_id, _loader in [
     ("gpqa_diamond", "choice", "Idavidrein/gpqa (gpqa_diamond)", _load_gpqa_diamond),
 ]:
     _REGISTRY[_name] = TaskSpec(_name, _type, DEFAULT_TEMPLATES[_type], hub=_hub_id, loader=_loader)
+_register_packaged_tasks()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,13 +241,6 @@ def load_task(name: str, *, task_files: dict[str, str] | None = None, answer_typ
     """Resolve a task name or JSONL path into a `Task` (see the module docstring for the resolution order)."""
     if answer_type is not None and answer_type not in ANSWER_TYPES:
         raise SfnError(f"answer type {answer_type!r} is unknown; use one of {', '.join(ANSWER_TYPES)}.")
-    if name not in _REGISTRY and name.startswith("lab_"):
-        try:  # the lab registers its tasks when imported
-            import importlib
-
-            importlib.import_module("sfn_train.lab")
-        except ImportError:
-            pass
     if name in _REGISTRY:
         spec = _REGISTRY[name]
         kind = answer_type or spec.answer_type

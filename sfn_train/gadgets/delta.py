@@ -420,11 +420,12 @@ def _plot(out: Path, summary: dict, ranking: list[str]) -> None:
         if layers:
             ax.plot(*zip(*layers), marker=".", label=role)
     ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_ylabel("||B - A|| / ||A||")
     ax.set_title("relative change per layer")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "delta_rel_by_layer.png", dpi=100)
+    fig.savefig(out / "delta_rel_by_layer.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
     cols = min(4, len(ranking))

@@ -1,9 +1,14 @@
-"""The lab's stages, each cached by its inputs: data -> base -> finetune -> gadgets -> eval -> report.
+"""The lab's stages, each cached by its inputs: data -> base -> finetune -> gadgets -> eval [-> scale] -> report.
 
 Every stage goes through the public paths a real study uses: `sfn train` recipes (`recipes/lab/*.yaml`, run as
-subprocesses so that each run's peak memory is its own), `sfn_train.gadgets` and `sfn_train.evaluation`. A stage
-folder holds `.sfn_stage.json` with the hash of its inputs (settings + upstream hashes); a later run skips a stage
-whose hash matches and redoes it (and everything downstream) otherwise.
+subprocesses so that each run's peak memory is its own), `sfn sweep`, `sfn_train.gadgets` and `sfn_train.evaluation`.
+A stage folder holds `.sfn_stage.json` with the hash of its inputs (settings + upstream hashes); a later run skips a
+stage whose hash matches and redoes it (and everything downstream) otherwise. A sweep stage resumes instead: its
+finished points are kept when the run is interrupted.
+
+Learning rates: by default each fine-tune trains at the rate its recipe ships (chosen by an earlier `sfn lab --sweep`,
+as the recipe's comment says); with `--sweep` each variant runs its own `sfn sweep` over `LabSize.sweep_rates`, ranked
+on the validation rows its recipe holds out (`validation_fraction`), and the variant's model is its best point.
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import SfnError
-from . import LAB_TASKS
-from .problems import (REASON_STEPS, fact_rows, generate, sft_rows, shipped_tasks, write_jsonl)
+from ..evaluation.tasks import packaged_task_file
+from .problems import REASON_STEPS, all_single_steps, fact_rows, generate, sft_rows, shipped_tasks, write_jsonl
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "lab"
 STAGE_FILE = ".sfn_stage.json"
+RUN_RECORD = "lab_run.json"
+LAB_TASKS = ("lab_reason", "lab_onestep")
+ORDER = ["data", "base", "finetune", "gadgets", "eval", "scale", "report"]
 
 # The paper's fine-tune variants (Table 2) plus the user's pure o_proj: recipe name -> what it tunes
 VARIANTS = {
@@ -39,6 +47,7 @@ VARIANTS = {
 # The paper's merges (Table 1): A with B's modules
 MERGES = {"m1_oproj": "o_proj", "m2_qkv": "q_proj,k_proj,v_proj", "m3_mlp": "mlp"}
 DESTROY_ROLES = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"]
+SCALE_VARIANTS = ("full", "oproj")
 
 
 @dataclass(frozen=True)
@@ -47,20 +56,22 @@ class LabSize:
     layers: int
     heads: int
     kv_heads: int
-    pretrain_problems: int  # direct-style problems (1-4 steps) in pre-training
-    pretrain_facts: int  # "Compute a+b mod 10." rows in pre-training
+    pretrain_problems: int  # multi-step problems answered directly, in pre-training
+    pretrain_onestep_repeats: int  # each one-step problem not held out (160 of 260), written out, this many times
+    pretrain_facts: int  # "Compute a+b mod 10." -> "a+b=c." rows (every one of the 260 facts when >= 260)
     pretrain_epochs: float
     pretrain_lr: float
-    sft_problems: int  # reasoning traces for the fine-tunes
+    sft_problems: int  # reasoning traces for the fine-tunes (their recipes hold out validation_fraction of them)
     finetune_epochs: float
-    eval_limit: int | None  # problems of lab_reason evaluated (None = all 200)
+    eval_limit: int | None  # problems of each task evaluated (None = all)
+    sweep_rates: tuple[float, ...]  # the learning rates `--sweep` tries for every variant
 
 
 SIZES = {
-    "tiny": LabSize(64, 2, 4, 2, 600, 400, 1, 1e-3, 200, 1, 40),  # for the test suite: runs, proves nothing
-    "small": LabSize(128, 4, 4, 2, 1600, 6000, 2, 1e-3, 3000, 2, None),
-    "medium": LabSize(192, 6, 6, 2, 8000, 3000, 4, 1e-3, 6000, 3, None),
-    "large": LabSize(256, 8, 8, 2, 20000, 5000, 5, 7e-4, 12000, 3, None),
+    "tiny": LabSize(64, 2, 4, 2, 300, 1, 300, 1, 1e-3, 200, 1, 40, (1e-3, 3e-3)),  # tests: runs, proves nothing
+    "small": LabSize(128, 4, 4, 2, 3000, 6, 5200, 2, 1e-3, 3000, 2, None, (1e-3, 3e-3, 1e-2, 3e-2)),
+    "medium": LabSize(192, 6, 6, 2, 6000, 8, 8000, 3, 1e-3, 6000, 2, None, (1e-3, 3e-3, 1e-2, 3e-2)),
+    "large": LabSize(256, 8, 8, 2, 12000, 10, 10000, 3, 7e-4, 12000, 2, None, (1e-3, 3e-3, 1e-2, 3e-2)),
 }
 
 
@@ -68,36 +79,51 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def recipe_learning_rate(text: str) -> float:
+    import yaml
+
+    return float(yaml.safe_load(text)["learning_rate"])
+
+
 class Lab:
     def __init__(self, root: str | os.PathLike, size: str = "small", seed: int = 42, recipes: Path = REPO_RECIPES,
-                 log=print):
+                 sweep: bool = False, variants: tuple[str, ...] = tuple(VARIANTS), log=print):
         if size not in SIZES:
             raise SfnError(f"lab size {size!r} is unknown: use one of {', '.join(SIZES)}.")
         self.root = Path(root)
         self.size_name, self.size, self.seed = size, SIZES[size], seed
         self.recipes = Path(recipes)
+        self.sweep, self.variants = sweep, tuple(variants)
         self.log = log
         self.hashes: dict[str, str] = {}
         self.timings: dict[str, float] = {}
+        self.trained: dict[str, dict] = {}  # variant -> {folder, learning_rate, chosen_by, ...}
+        self.scale: dict | None = None
 
     # -- caching ---------------------------------------------------------------------------------------------------
-    def stage(self, name: str, folder: Path, inputs: dict, build) -> Path:
+    def stage(self, name: str, folder: Path, inputs: dict, build, resumable: bool = False) -> Path:
         key = _hash({"stage": name, **inputs})
         self.hashes[name] = key
         marker = folder / STAGE_FILE
-        if marker.exists() and json.loads(marker.read_text()).get("key") == key:
+        old = json.loads(marker.read_text()) if marker.exists() else {}
+        if old.get("key") == key and old.get("complete", True):
             self.log(f"[lab] {name}: cached ({folder})")
-            self.timings[name] = json.loads(marker.read_text()).get("seconds", 0.0)
+            self.timings[name] = old.get("seconds", 0.0)
             return folder
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        self.log(f"[lab] {name}: running -> {folder}")
+        if old.get("key") == key and resumable:
+            self.log(f"[lab] {name}: resuming in {folder}")
+        else:
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            self.log(f"[lab] {name}: running -> {folder}")
+            if resumable:
+                marker.write_text(json.dumps({"key": key, "inputs": inputs, "complete": False}, default=str))
         started = time.perf_counter()
         build(folder)
         seconds = time.perf_counter() - started
         self.timings[name] = seconds
-        marker.write_text(json.dumps({"key": key, "inputs": inputs, "seconds": seconds}, default=str))
+        marker.write_text(json.dumps({"key": key, "inputs": inputs, "seconds": seconds, "complete": True}, default=str))
         return folder
 
     # -- stages ----------------------------------------------------------------------------------------------------
@@ -105,27 +131,27 @@ class Lab:
         s = self.size
 
         def build(folder: Path):
-            held_out = {row["problem"] for rows in shipped_tasks().values() for row in rows}
-            pool = [p for p in generate(s.pretrain_problems + s.sft_problems + len(held_out), (1, 2, 3, 4),
+            tasks = shipped_tasks()
+            held_out = {row["problem"] for rows in tasks.values() for row in rows}
+            pool = [p for p in generate(s.pretrain_problems + s.sft_problems + len(held_out), REASON_STEPS,
                                         seed=self.seed) if p.text not in held_out]
             rng = random.Random(self.seed)
             rng.shuffle(pool)
-            multi = [p for p in pool if len(p.steps) in REASON_STEPS]
-            sft = multi[: s.sft_problems]
-            sft_texts = {p.text for p in sft}
-            pretrain = [p for p in pool if p.text not in sft_texts][: s.pretrain_problems]
-            rows = sft_rows(pretrain, "direct") + fact_rows(s.pretrain_facts, self.seed + 1)
+            sft = pool[: s.sft_problems]
+            direct = pool[s.sft_problems: s.sft_problems + s.pretrain_problems]
+            onestep = [p for p in all_single_steps() if p.text not in held_out] * s.pretrain_onestep_repeats
+            rows = sft_rows(direct + onestep, "pretrain") + fact_rows(s.pretrain_facts, self.seed + 1)
             rng.shuffle(rows)
-            write_jsonl(folder / "pretrain_direct.jsonl", rows)
+            write_jsonl(folder / "pretrain.jsonl", rows)
             write_jsonl(folder / "sft_reasoning.jsonl", sft_rows(sft, "reasoning"))
-            for name, path in LAB_TASKS.items():
-                shutil.copy(path, folder / f"{name}.jsonl")
+            for name in LAB_TASKS:
+                shutil.copy(packaged_task_file(name), folder / f"{name}.jsonl")
 
         return self.stage("data", self.root / "data", {"seed": self.seed, "size": asdict(s),
                                                         "tasks": _hash(shipped_tasks())}, build)
 
     def base(self) -> Path:
-        """A = a small Qwen2 model pre-trained from scratch (all parameters, loss on whole sequences) on direct text."""
+        """A = a small Qwen2 model pre-trained from scratch (all parameters, loss on the answers)."""
         s = self.size
 
         def build(folder: Path):
@@ -144,23 +170,51 @@ class Lab:
             shutil.rmtree(init, ignore_errors=True)
             AutoModelForCausalLM.from_config(config).save_pretrained(init)
             tokenizer.save_pretrained(init)
-            self.train("base", init, self.root / "data" / "pretrain_direct.jsonl", folder,
+            self.train("base", init, self.root / "data" / "pretrain.jsonl", folder,
                        num_train_epochs=s.pretrain_epochs, learning_rate=s.pretrain_lr)
             shutil.rmtree(init)
 
         return self.stage("base", self.root / "base", {"up": self.hashes["data"], "size": asdict(s),
                                                         "recipe": self._recipe_text("base")}, build)
 
-    def finetunes(self) -> dict[str, Path]:
-        out = {}
-        for variant in VARIANTS:
-            out[variant] = self.stage(
-                f"finetune:{variant}", self.root / "runs" / variant,
-                {"up": [self.hashes["data"], self.hashes["base"]], "recipe": self._recipe_text(variant),
-                 "epochs": self.size.finetune_epochs},
-                lambda folder, v=variant: self.train(v, self.root / "base", self.root / "data" / "sft_reasoning.jsonl",
-                                                     folder, num_train_epochs=self.size.finetune_epochs))
-        return out
+    def finetunes(self) -> dict[str, dict]:
+        for variant in self.variants:
+            recipe = self._recipe_text(variant)
+            shipped = recipe_learning_rate(recipe)
+            inputs = {"up": [self.hashes["data"], self.hashes["base"]], "recipe": recipe,
+                      "epochs": self.size.finetune_epochs}
+            if self.sweep:
+                rates = self.size.sweep_rates
+                folder = self.stage(f"sweep:{variant}", self.root / "sweeps" / variant, {**inputs, "rates": rates},
+                                    lambda out, v=variant: self.run_sweep(v, out), resumable=True)
+                summary = json.loads((folder / "sweep.json").read_text())
+                best = next(p for p in summary["points"] if p["best"])
+                self.hashes[f"finetune:{variant}"] = self.hashes[f"sweep:{variant}"]
+                self.trained[variant] = {
+                    "folder": best["folder"], "learning_rate": best["learning_rate"], "chosen_by": "sweep",
+                    "sweep": str(folder / "sweep.json"), "recipe_rate": shipped, "rates": list(rates),
+                    "validation": {k: best[k] for k in ("eval_loss", "eval_mean_token_accuracy")}}
+            else:
+                folder = self.stage(f"finetune:{variant}", self.root / "runs" / variant, inputs,
+                                    lambda out, v=variant: self.train(v, self.root / "base",
+                                                                      self.root / "data" / "sft_reasoning.jsonl", out,
+                                                                      num_train_epochs=self.size.finetune_epochs))
+                metrics = json.loads((folder / "sfn_manifest.json").read_text())["metrics"]
+                self.trained[variant] = {
+                    "folder": str(folder), "learning_rate": shipped, "chosen_by": "recipe", "sweep": None,
+                    "recipe_rate": shipped,
+                    "validation": {k: metrics.get(k) for k in ("eval_loss", "eval_mean_token_accuracy")}}
+        return self.trained
+
+    def run_sweep(self, variant: str, out: Path) -> None:
+        from ..sweep import run_sweep
+
+        rates = ",".join(f"{r:g}" for r in self.size.sweep_rates)
+        flags = {"model_name_or_path": self.root / "base", "dataset_name": self.root / "data" / "sft_reasoning.jsonl",
+                 "seed": self.seed, "num_train_epochs": self.size.finetune_epochs}
+        run_sweep(str(self.recipes / f"{variant}.yaml"), [f"learning_rate={rates}"], out,
+                  [t for k, v in flags.items() for t in (f"--{k}", str(v))], env=TRAIN_ENV,
+                  log=lambda line: self.log(f"[lab] {variant}: {line}"))
 
     def gadgets(self) -> Path:
         from .. import gadgets
@@ -168,7 +222,7 @@ class Lab:
         layers = self.middle_layers()
 
         def build(folder: Path):
-            base, full = self.root / "base", self.root / "runs" / "full"
+            base, full = self.root / "base", Path(self.trained["full"]["folder"])
             gadgets.delta(base, full, folder / "delta", quiet=True)
             for name, modules in MERGES.items():
                 gadgets.merge(base, full, folder / "merges" / name, modules=modules)
@@ -188,10 +242,11 @@ class Lab:
         return f"{first}-{max(first, last)}"
 
     def models(self) -> dict[str, Path]:
+        models = {"A": self.root / "base", **{v: Path(t["folder"]) for v, t in self.trained.items()}}
         g = self.root / "gadgets"
-        models = {"A": self.root / "base", **{v: self.root / "runs" / v for v in VARIANTS}}
-        models.update({m: g / "merges" / m for m in MERGES})
-        models.update({p.name: p for p in sorted((g / "destroy").iterdir())})
+        if (g / "merges").is_dir():
+            models.update({m: g / "merges" / m for m in MERGES})
+            models.update({p.name: p for p in sorted((g / "destroy").iterdir())})
         return models
 
     def evaluate(self) -> Path:
@@ -207,12 +262,57 @@ class Lab:
                      progress=True)
 
         return self.stage("eval", self.root / "evals",
-                          {"up": [self.hashes[k] for k in sorted(self.hashes) if k != "eval"]}, build)
+                          {"up": [self.hashes[k] for k in sorted(self.hashes) if k not in ("eval", "scale")]}, build)
+
+    def scale_stage(self, sizes: list[str]) -> dict:
+        """o_proj vs full at several model sizes: one lab per size (data, base, both fine-tunes, eval), this lab for
+        its own size; the gap full - o_proj with its paired-bootstrap CI against the parameter count."""
+        from ..evaluation import load_result
+        from ..evaluation.stats import paired_bootstrap
+        from .report import params_of, per_problem
+
+        points = []
+        for size in sizes:
+            if size == self.size_name:
+                lab = self
+            else:
+                lab = Lab(self.root / "scale" / size, size, self.seed, self.recipes, self.sweep, SCALE_VARIANTS,
+                          log=self.log)
+                for step in (lab.data, lab.base, lab.finetunes, lab.evaluate):
+                    step()
+            res = {v: load_result(lab.root / "evals" / f"{v}__lab_reason.json") for v in ("A", *SCALE_VARIANTS)}
+            full, oproj = per_problem(res["full"]), per_problem(res["oproj"])
+            shared = [i for i in full if i in oproj]
+            test = paired_bootstrap([full[i] for i in shared], [oproj[i] for i in shared], seed=self.seed)
+            points.append({"size": size, "root": str(lab.root), "params": params_of(lab.root / "base"),
+                           "hidden": lab.size.hidden, "layers": lab.size.layers,
+                           "rates": {v: lab.trained[v]["learning_rate"] for v in SCALE_VARIANTS},
+                           "chosen_by": {v: lab.trained[v]["chosen_by"] for v in SCALE_VARIANTS},
+                           "pass_at_1": {v: r["summary"]["pass_at_1"] for v, r in res.items()},
+                           "gap": test["delta"], "gap_ci": [test["ci_low"], test["ci_high"]],
+                           "p_value": test["p_value"], "n": test["n"],
+                           "seconds": sum(lab.timings.values())})
+        self.scale = {"sizes": sizes, "points": points}
+        return self.scale
 
     def report(self) -> Path:
         from .report import write_report
 
-        return write_report(self)
+        record = self.record()
+        (self.root / RUN_RECORD).write_text(json.dumps(record, indent=1, default=str))
+        return write_report(self.root)
+
+    def record(self) -> dict:
+        """The plain record of what this run did, which the report reads (with the files the stages wrote)."""
+        return {
+            "size_name": self.size_name, "size": asdict(self.size), "seed": self.seed, "sweep": self.sweep,
+            "reason_steps": list(REASON_STEPS), "variants": {v: {"tuned": VARIANTS[v], **self.trained[v],
+                                                                  "recipe": str(self.recipes / f"{v}.yaml")}
+                                                              for v in self.variants},
+            "merges": MERGES, "destroy_roles": DESTROY_ROLES, "destroy_layers": self.middle_layers(),
+            "models": {label: str(path) for label, path in self.models().items()},
+            "timings": self.timings, "scale": self.scale,
+        }
 
     # -- training through the recipes, one subprocess per run ---------------------------------------------------------
     def _recipe_text(self, name: str) -> str:
@@ -228,11 +328,8 @@ class Lab:
         cmd = [sys.executable, "-m", "sfn_train.cli", "train", "--config", str(self.recipes / f"{recipe}.yaml")]
         for key, value in flags.items():
             cmd += [f"--{key}", str(value)]
-        # One torch thread: at this model size a second thread costs more in synchronisation than it gains (measured:
-        # 0.32 vs 0.37 s per step on 2 cores), and a single thread does not collapse when another process shares the CPU.
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env)
+        proc = subprocess.Popen(cmd, env={**os.environ, **TRAIN_ENV})
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
@@ -241,23 +338,33 @@ class Lab:
         (out / "lab_train_stats.json").write_text(json.dumps(stats))
         return stats
 
-    def run(self, stages: list[str] | None = None) -> Path:
-        order = ["data", "base", "finetune", "gadgets", "eval", "report"]
-        last = max(stages or order, key=order.index)
+    def run(self, stages: list[str] | None = None, scale: list[str] | None = None) -> Path:
+        wanted = stages or [s for s in ORDER if s != "scale" or scale]
+        if "scale" in wanted and not scale:
+            raise SfnError("the scale stage needs the sizes to compare: pass --scale small,medium.")
+        last = max(wanted, key=ORDER.index)
         steps = {"data": self.data, "base": self.base, "finetune": self.finetunes, "gadgets": self.gadgets,
-                 "eval": self.evaluate, "report": self.report}
+                 "eval": self.evaluate, "scale": lambda: self.scale_stage(scale), "report": self.report}
         started = time.perf_counter()
         # every stage up to the last one asked for runs (cached when unchanged): their hashes key the stages below
-        for name in order[: order.index(last) + 1]:
+        for name in ORDER[: ORDER.index(last) + 1]:
+            if name == "scale" and not scale:
+                continue
             steps[name]()
         where = self.root / "report.md" if last == "report" else self.root
         self.log(f"[lab] done up to stage {last} in {time.perf_counter() - started:.0f} s: {where}")
         return self.root / "report.md"
 
 
-def run_lab(root="lab", size="small", seed=42, stages=None) -> Path:
+# One torch thread per training run: at this model size a second thread costs more in synchronisation than it gains
+# (measured: 0.32 vs 0.37 s per step on 2 cores), and a single thread does not collapse when another process shares
+# the CPU.
+TRAIN_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_lab(root="lab", size="small", seed=42, stages=None, sweep=False, scale=None) -> Path:
     """Python API of `sfn lab`: returns the report path."""
-    return Lab(root, size, seed).run(stages)
+    return Lab(root, size, seed, sweep=sweep).run(stages, scale)
 
 
 def cli_main(argv: list[str]) -> int:
@@ -266,9 +373,19 @@ def cli_main(argv: list[str]) -> int:
                         help="small (default, <15 min on 2 cores), medium, large; tiny is for tests")
     parser.add_argument("--root", default="lab", help="folder for everything the lab writes (default ./lab)")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--stage", action="append", choices=["data", "base", "finetune", "gadgets", "eval", "report"],
+    parser.add_argument("--sweep", action="store_true",
+                        help="sweep each fine-tune's learning rate on validation data and use the best point "
+                             "(instead of the rates the recipes ship); longer")
+    parser.add_argument("--scale", help="comma-separated sizes for the o_proj-vs-full scale stage, e.g. small,medium")
+    parser.add_argument("--stage", action="append", choices=ORDER,
                         help="run up to these stages only (repeatable); default all")
     ns = parser.parse_args(argv)
-    report = run_lab(ns.root, ns.size, ns.seed, ns.stage)
+    scale = [s.strip() for s in ns.scale.split(",")] if ns.scale else None
+    for size in scale or []:
+        if size not in SIZES:
+            raise SfnError(f"--scale size {size!r} is unknown: use sizes from {', '.join(SIZES)}.")
+    if scale is not None and len(scale) < 2:
+        raise SfnError("--scale needs at least two sizes to compare, e.g. --scale small,medium.")
+    report = run_lab(ns.root, ns.size, ns.seed, ns.stage, ns.sweep, scale)
     print(f"report: {report}")
     return 0

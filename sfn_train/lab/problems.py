@@ -6,11 +6,19 @@ A problem is a start digit and 1-5 operations (add, subtract, multiply by a digi
     direct:    "The answer is \\boxed{2}."
     reasoning: "7+5=2. 2*3=6. 6-4=2. The answer is \\boxed{2}."
 
-One step is a table of 270 facts, easy to learn; several steps answered in one shot ask a small model to compose them
-in a single forward pass, which it does poorly; written out step by step, each token needs one fact. Operations are
-written compactly (`+5 *3 -4`) so that the k-th one sits at a fixed offset: a model this small learns to copy by
-position in a few hundred steps, but not to find "the third sentence" (measured: it did not, in 3 epochs). That gap is what the lab's fine-tunes must close: base model A is
-pre-trained on direct text only, B/C/F1-F3 are fine-tuned on reasoning traces.
+What base model A is taught (pre-training), so that it has the knowledge and lacks the reasoning:
+
+- the facts, in the very notation the reasoning traces use: "Compute 7+5 mod 10." -> "7+5=2." (all 260 facts);
+- single-step problems answered by writing that one step: "Start at 7. Apply +5. Work mod 10." ->
+  "7+5=2. The answer is \\boxed{2}." (a one-step problem's reasoning IS one fact);
+- multi-step problems answered directly: "Start at 7. Apply +5 *3 -4. Work mod 10." -> "The answer is \\boxed{2}.".
+
+So A writes a step right when a problem has one (`lab_onestep`, whose problems it never saw in that form: it must
+use the facts it learned as "Compute ..." rows), and answers chains in one shot, which a small model does poorly
+(`lab_reason`). Fine-tuning on reasoning traces must teach the chaining: carry each result into the next step and
+read the next operation. Operations are written compactly (`+5 *3 -4`) so that the k-th one sits at a fixed offset: a
+model this small learns to copy by position in a few hundred steps, but not to find "the third sentence" (measured:
+it did not, in 3 epochs).
 
 Train and test splits never share a problem (deduplicated on the problem text before the split).
 """
@@ -24,7 +32,6 @@ from pathlib import Path
 
 OPS = ("add", "sub", "mul")
 SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
-PROMPT_SUFFIX = ""
 
 
 @dataclass(frozen=True)
@@ -85,12 +92,6 @@ def generate(n: int, steps: tuple[int, ...], seed: int) -> list[Problem]:
     return list(seen.values())
 
 
-def split(problems: list[Problem], n_test: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    shuffled = problems[:]
-    random.Random(seed).shuffle(shuffled)
-    return shuffled[n_test:], shuffled[:n_test]
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -100,19 +101,41 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def sft_rows(problems: list[Problem], style: str) -> list[dict]:
-    """Rows the trainer reads: prompt/completion, the completion in `direct` or `reasoning` style."""
-    return [{"prompt": p.text, "completion": p.direct if style == "direct" else p.trace} for p in problems]
+    """Rows the trainer reads: prompt/completion, the completion in `direct` or `reasoning` style; `pretrain` is how
+    base model A learns to answer: one step written out for a one-step problem, a direct answer for a chain."""
+    if style not in ("direct", "reasoning", "pretrain"):
+        raise ValueError(f"style {style!r}: use direct, reasoning or pretrain")
+    return [{"prompt": p.text,
+             "completion": p.trace if style == "reasoning" or (style == "pretrain" and len(p.steps) == 1) else p.direct}
+            for p in problems]
 
 
-def fact_rows(n: int, seed: int) -> list[dict]:
-    """Single operations written out ("Compute 7*6." -> "7*6=42."): the notation the base model learns in
-    pre-training, so that fine-tuning teaches chaining steps, not a new notation."""
+def all_single_steps() -> list[Problem]:
+    """Every one-step problem: 10 starts x (9 additions + 9 subtractions + 8 multiplications) = 260."""
+    return [Problem(start, ((op, x),)) for start in range(10) for op in OPS
+            for x in (range(2, 10) if op == "mul" else range(1, 10))]
+
+
+def fact_rows(n: int, seed: int, max_facts: int = 3) -> list[dict]:
+    """`n` rows of 1..max_facts independent facts each, drawn evenly from all 260 ("Compute 6*2, 3+4 mod 10." ->
+    "6*2=2. 3+4=7."): the notation of the reasoning traces, learned in pre-training, so that fine-tuning teaches
+    chaining, not facts. Why several facts a row: the k-th fact then sits at a different place in every row, so the
+    model learns to compute a result from the `a*x=` written just before it -- which is where the traces need it --
+    instead of from fixed positions of one prompt format (measured: with one fact a row A computed 17% of single-step
+    problems right in the problem format although it had seen every fact)."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        p = random_problem(rng, 1)
-        (op, x), (a, b) = p.steps[0], p.values()
-        rows.append({"prompt": f"Compute {a}{SYMBOL[op]}{x} mod 10.", "completion": f"{a}{SYMBOL[op]}{x}={b}."})
+    facts = all_single_steps()
+    counts = [rng.randint(1, max_facts) for _ in range(n)]
+    pool: list[Problem] = []
+    while len(pool) < sum(counts):
+        pool += rng.sample(facts, len(facts))  # every fact equally often
+    rows, i = [], 0
+    for k in counts:
+        chosen = pool[i: i + k]
+        i += k
+        written = [(f"{a}{SYMBOL[op]}{x}", b) for p in chosen for (op, x), (a, b) in [(p.steps[0], p.values())]]
+        rows.append({"prompt": f"Compute {', '.join(w for w, _ in written)} mod 10.",
+                     "completion": " ".join(f"{w}={b}." for w, b in written)})
     return rows
 
 
@@ -129,7 +152,8 @@ REASON_STEPS = (2, 3, 4)
 
 
 def shipped_tasks() -> dict[str, list[dict]]:
-    """`lab_reason`: 200 held-out multi-step problems; `lab_onestep`: 100 single steps (what pre-training teaches)."""
+    """`lab_reason`: 200 held-out multi-step problems; `lab_onestep`: 100 of the 260 one-step problems, held out of
+    pre-training in that form (their facts are taught as "Compute ..." rows)."""
     reason = generate(200, REASON_STEPS, seed=TASK_SEED)
     onestep = generate(100, (1,), seed=TASK_SEED + 1)
     return {"lab_reason": task_rows(reason, "reason"), "lab_onestep": task_rows(onestep, "onestep")}
