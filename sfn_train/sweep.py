@@ -275,8 +275,13 @@ def run_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra:
             f"{_clock(time.monotonic() - started)}{eta}); log {logs / (entry['name'] + '.log')}")
         t0 = time.monotonic()
         with open(logs / f"{entry['name']}.log", "w") as log_file:
-            code = subprocess.run(shlex.split(entry["command"]), stdout=log_file, stderr=subprocess.STDOUT,
-                                  env={**os.environ, **(env or {})}).returncode
+            proc = subprocess.Popen(shlex.split(entry["command"]), stdout=log_file, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})})
+            _, status, usage = os.wait4(proc.pid, 0)  # the point's own peak memory, next to its log
+        code = os.waitstatus_to_exitcode(status)
+        _write_json(logs / f"{entry['name']}.json", {"wall_s": time.monotonic() - t0, "exit": code,
+                                                     "peak_rss_mb": usage.ru_maxrss / 1024,
+                                                     "cpu_s": usage.ru_utime + usage.ru_stime})
         if code != 0:
             raise SfnError(f"sweep point {label} failed (exit {code}); see {logs / (entry['name'] + '.log')}. "
                            "Rerunning the same command keeps the finished points.")
@@ -482,6 +487,9 @@ def _plot(rows: list[dict], metric: str, path: Path) -> Path | None:
                 ax.plot(r["learning_rate"], r[metric], marker="*", markersize=16, color=color,
                         markeredgecolor="black", linestyle="none")
     ax.set_xscale("log")
+    values = [r[metric] for r in done]
+    if min(values) > 0 and max(values) / min(values) > 10:  # a diverged point would flatten the others
+        ax.set_yscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"{metric} (validation)")
     ax.set_title(f"{metric} vs learning rate (star = best of its variant)")

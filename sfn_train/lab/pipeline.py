@@ -68,10 +68,10 @@ class LabSize:
 
 
 SIZES = {
-    "tiny": LabSize(64, 2, 4, 2, 300, 1, 300, 1, 1e-3, 200, 1, 40, (1e-3, 3e-3)),  # tests: runs, proves nothing
-    "small": LabSize(128, 4, 4, 2, 3000, 6, 5200, 2, 1e-3, 3000, 2, None, (1e-3, 3e-3, 1e-2, 3e-2)),
-    "medium": LabSize(192, 6, 6, 2, 6000, 8, 8000, 3, 1e-3, 6000, 2, None, (1e-3, 3e-3, 1e-2, 3e-2)),
-    "large": LabSize(256, 8, 8, 2, 12000, 10, 10000, 3, 7e-4, 12000, 2, None, (1e-3, 3e-3, 1e-2, 3e-2)),
+    "tiny": LabSize(64, 2, 4, 2, 300, 1, 300, 1, 1e-3, 200, 1, 40, (1e-3, 1e-2)),  # tests: runs, proves nothing
+    "small": LabSize(128, 4, 4, 2, 1500, 6, 9000, 3, 1e-3, 2400, 2, None, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
+    "medium": LabSize(192, 6, 6, 2, 3000, 8, 12000, 3, 1e-3, 4000, 2, None, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
+    "large": LabSize(256, 8, 8, 2, 6000, 10, 16000, 3, 7e-4, 8000, 2, None, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
 }
 
 

@@ -213,7 +213,7 @@ def write_report(root: str | Path) -> Path:
         "interval where every problem scored the same, e.g. 0/n, since the bootstrap then has zero width); Δ and p from "
         "a paired bootstrap over the same problems. Levels I/II/III/IV are the shares of responses at each level (rules in "
         "`sfn_train/evaluation/levels.py`).", "",
-        "## Base model A: knows the steps, not the chaining", "",
+        "## Base model A: single steps and chains", "",
         f"A small Qwen2 ({n_params:,} parameters, {size['layers']} layers, hidden {size['hidden']}) pre-trained from "
         "scratch on the 260 facts in the traces' notation (`Compute 7+5 mod 10.` -> `7+5=2.`), one-step problems "
         "answered by writing that step, and multi-step problems answered directly.", "",
