@@ -360,7 +360,7 @@ def _scale_section(root: Path, scale: dict) -> list[str]:
     lines = ["## Scale: o_proj vs full at several sizes", "",
              "One lab per size (own data, base model A, both fine-tunes at their own rates), the same 200 "
              "`lab_reason` problems. Gap = full − o_proj pass@1 with its 95% paired-bootstrap CI.", "",
-             "| size | parameters | A | full (lr) | o_proj (lr) | gap [95% CI] | p | rates chosen by | time (s) |",
+             "| size | parameters | A | full (lr) | o_proj (lr) | gap [95% CI] | p | rates chosen by | base + fine-tunes (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(scale["points"], key=lambda p: p["params"]):
         acc = p["pass_at_1"]
