@@ -34,6 +34,8 @@ def test_base_model_is_taught_the_steps_in_the_notation_of_the_traces():
     written = [step for r in rows for step in r["completion"].split(" ")]
     counts = {step: written.count(step) for step in set(written)}
     assert len(counts) == 260 and max(counts.values()) - min(counts.values()) <= 1
+    # several facts a row, so a fact's place varies and A learns to compute it from the `a*x=` written before it
+    assert {len(r["completion"].split(" ")) for r in rows} == {1, 2, 3}
     trace_steps = {s for p in generate(200, (2, 3), seed=2) for s in p.trace.split(" ")[:-4]}
     assert trace_steps <= set(counts)  # every step a trace writes is a fact A was taught, verbatim
     one, chain = generate(1, (1,), seed=3)[0], generate(1, (3,), seed=3)[0]

@@ -46,7 +46,7 @@ def test_bad_grids_are_one_clear_error(specs, says):
 
 def test_best_point_per_variant():
     rows = [{"variant": v, "eval_loss": loss, "eval_mean_token_accuracy": acc, "name": f"{v}{loss}"}
-            for v, loss, acc in [("a", 0.5, 0.7), ("a", 0.3, 0.6), ("a", math.nan, 0.1),
+            for v, loss, acc in [("a", math.nan, 0.1), ("a", 0.5, 0.7), ("a", 0.3, 0.6),
                                  ("b", 0.9, 0.9), ("b", None, 0.2), ("b", 0.95, 0.1)]]
     best = choose_best(rows, "eval_loss")
     assert {v: r["eval_loss"] for v, r in best.items()} == {"a": 0.3, "b": 0.9}  # NaN and missing never win
