@@ -512,7 +512,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cli_main(argv: list[str]) -> int:
-    p = _Parser(prog="sfn sweep", description=__doc__.split("\n")[0],
+    p = _Parser(prog="sfn sweep", description=__doc__.split("\n")[0], allow_abbrev=False,
                 epilog="Any other --key value is a recipe flag given to every point (as in `sfn train`).")
     p.add_argument("--config", help="the recipe YAML every point trains")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
