@@ -427,8 +427,8 @@ def _edge_notes(rows: list[dict], best: dict[str, dict]) -> list[str]:
                         and r["learning_rate"] is not None})
         if len(rates) > 1 and row["learning_rate"] in (rates[0], rates[-1]):
             end = "smallest" if row["learning_rate"] == rates[0] else "largest"
-            notes.append(f"{variant or 'the sweep'}: the best learning rate {row['learning_rate']:g} is the {end} "
-                         "tried; extend the grid past it to know it is the best.")
+            notes.append(f"{variant + ': the' if variant else 'The'} best learning rate {row['learning_rate']:g} is "
+                         f"the {end} tried; extend the grid past it to know it is the best.")
     return notes
 
 
@@ -465,6 +465,17 @@ def sweep_markdown(summary: dict, heading: str = "#") -> str:
     return "\n".join(lines)
 
 
+def log_scale_if_wide(ax, values: list[float]) -> None:
+    """A log y axis when the values span more than a factor 10 (a diverged point would flatten the others), with
+    plain tick labels."""
+    import matplotlib.ticker as ticker
+
+    if min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _plot(rows: list[dict], metric: str, path: Path) -> Path | None:
     done = [r for r in rows if _finite(r.get(metric)) and r["learning_rate"] is not None]
     if not done:
@@ -487,9 +498,7 @@ def _plot(rows: list[dict], metric: str, path: Path) -> Path | None:
                 ax.plot(r["learning_rate"], r[metric], marker="*", markersize=16, color=color,
                         markeredgecolor="black", linestyle="none")
     ax.set_xscale("log")
-    values = [r[metric] for r in done]
-    if min(values) > 0 and max(values) / min(values) > 10:  # a diverged point would flatten the others
-        ax.set_yscale("log")
+    log_scale_if_wide(ax, [r[metric] for r in done])
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"{metric} (validation)")
     ax.set_title(f"{metric} vs learning rate (star = best of its variant)")

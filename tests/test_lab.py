@@ -108,3 +108,11 @@ def test_tiny_lab_sweep_mode_uses_the_best_point(tiny_lab_root):
     assert trained["learning_rate"] == min(losses, key=losses.get) and trained["chosen_by"] == "sweep"
     assert json.loads((tiny_lab_root.joinpath(trained["folder"]) / "sfn_sweep.json").read_text())["best"]
     assert trained["recipe_rate"] == lab.trained["oproj"]["recipe_rate"] > 0
+    # the report's learning-rate section shows the sweep that chose the rate, with its plot
+    from sfn_train.lab.report import _rates_section
+
+    text = "\n".join(_rates_section(tiny_lab_root, {"variants": {"oproj": lab.trained["oproj"]}}))
+    row = next(line for line in text.splitlines() if line.startswith("| oproj |"))
+    assert f"| {trained['learning_rate']:g} | its sweep (lowest validation loss) |" in row
+    assert "### Sweep of `oproj`" in text and text.count("**best**") == 1
+    assert (tiny_lab_root / "sweeps.png").stat().st_size > 0

@@ -128,19 +128,23 @@ def _sweeps_plot(sweeps: dict[str, dict], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..sweep import log_scale_if_wide
+
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     cmap = plt.get_cmap("tab10")
+    values = []
     for i, (variant, summary) in enumerate(sweeps.items()):
         metric = summary["metric"]
         rows = sorted((r for r in summary["points"] if r.get(metric) is not None), key=lambda r: r["learning_rate"])
         ax.plot([r["learning_rate"] for r in rows], [r[metric] for r in rows], marker="o", color=cmap(i),
                 label=variant)
+        values += [r[metric] for r in rows]
         for r in rows:
             if r["best"]:
                 ax.plot(r["learning_rate"], r[metric], marker="*", markersize=15, color=cmap(i),
                         markeredgecolor="black", linestyle="none")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    log_scale_if_wide(ax, values)
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"validation {metric}")
     ax.set_title("Learning-rate sweeps (star = the rate each variant uses)")
