@@ -143,8 +143,10 @@ def train_args(config: str, extra: list[str], point: Point, out: Path) -> list[s
 
 
 def _launched_args(manifest: dict) -> list[str] | None:
-    command = manifest.get("command") or []
-    return command[command.index("--config"):] if "--config" in command else None
+    """The arguments from `--config` on of the command line the manifest records (shell-quoted, one string)."""
+    command = manifest.get("command") or ""
+    words = shlex.split(command) if isinstance(command, str) else list(command)
+    return words[words.index("--config"):] if "--config" in words else None
 
 
 def _check_extra(extra: list[str], grid: dict) -> None:

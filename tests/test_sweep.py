@@ -173,5 +173,5 @@ def test_plan_prints_commands_that_launch_and_collect_reads_them(tmp_path, qwen2
     assert summary["finished"] == 2 and not summary["missing"] and sum(p["best"] for p in summary["points"]) == 1
     assert "**best**" in collected.stdout
     for entry in summary["points"]:  # what ran is what was printed
-        launched, printed = _manifest(out, entry["name"])["command"], shlex.split(entry["command"])
+        launched, printed = shlex.split(_manifest(out, entry["name"])["command"]), shlex.split(entry["command"])
         assert launched[launched.index("--config"):] == printed[printed.index("--config"):]

@@ -338,7 +338,8 @@ def _rates_section(root: Path, run: dict) -> list[str]:
                   "never on `lab_reason`; the variant's model below is its best point.", ""]
     else:
         lines += ["Each variant trains at the rate its recipe ships (`recipes/lab/<variant>.yaml`, whose comment "
-                  "names the sweep that chose it); this run did not sweep. `sfn lab --sweep` reproduces the choice.",
+                  "says which sweep chose it, or that none has yet); this run did not sweep. `sfn lab --sweep` sweeps every "
+                  "variant.",
                   ""]
     lines += ["| variant | learning rate | chosen by | validation loss | validation token accuracy | recipe ships |",
               "|---|---|---|---|---|---|"]
@@ -471,7 +472,8 @@ def _limits(results: dict, onestep: dict, run: dict, n_params: int, seed: int) -
     n = b["summary"]["n_problems"]
     half = (b["summary"]["ci_high"] - b["summary"]["ci_low"]) / 2
     sweep_note = ("each variant's rate was chosen by its own sweep in this run" if run["sweep"] else
-                  "the rates come from the recipes (chosen by an earlier sweep), not from a sweep in this run")
+                  "the rates come from the recipes, whose comments say which sweep chose each rate and which rate no "
+                  "sweep has chosen yet, not from a sweep in this run")
     edges = [note for v, info in run["variants"].items() if info.get("sweep")
              for note in json.loads(Path(info["sweep"]).read_text()).get("notes", [])]
     lines = [
