@@ -138,13 +138,16 @@ def test_sweep_runs_resumes_and_marks_the_best(tmp_path, qwen2_base, sum_data):
 
     task = write_problems(tmp_path / "t.jsonl", [{"id": "1", "problem": "Start at 1. Apply +1 +1. Work mod 10.",
                                                    "answer": "3"}])
-    files = evaluate([{"path": str(out / "points" / n), "label": n} for n in names], [str(task)], tmp_path / "ev",
-                     answer_type="exact", max_new_tokens=4, temperature=0.0, progress=False, grading_workers=1)
-    text = compare(files, names[0], tmp_path / "cmp.md")["report"].read_text()
-    section = text.split("## Learning rates")[1]
-    loser = next(n for n in names if n != best)
-    assert f"| {best} | t | " in section and "lowest validation eval_loss" in section and "of 3 rates" in section
-    assert "did NOT win its sweep" in next(l for l in section.splitlines() if l.startswith(f"| {loser} |"))
+    winner = json.loads((out / "sweep.json").read_text())["best"][""]  # of the 3 rates now in the sweep
+    loser = next(n for n in names if n != winner)
+    files = evaluate([{"path": str(out / "points" / n), "label": n} for n in (winner, loser)], [str(task)],
+                     tmp_path / "ev", answer_type="exact", max_new_tokens=4, temperature=0.0, progress=False,
+                     grading_workers=1)
+    text = compare(files, loser, tmp_path / "cmp.md")["report"].read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.split("## Learning rates")[1].splitlines()
+            if line.startswith("| learning_rate-")}
+    assert "lowest validation eval_loss" in rows[winner] and "of 3 rates" in rows[winner]
+    assert "did NOT win its sweep" in rows[loser]
 
     # Another sweep into the same folder with other flags is refused instead of mixing results.
     with pytest.raises(SfnError, match="other flags"):

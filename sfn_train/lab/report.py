@@ -439,6 +439,9 @@ def _findings(results: dict, onestep: dict, destroy: dict, delta_ranking: list[s
                + f" (A {acc['A']:.3f}); the best is {best}. "
                + ("M1 (o_proj) significantly improves on A, as the paper found at 1.5B."
                   if t_m1["p_value"] < ALPHA and t_m1["delta"] > 0 else
+                  f"M1 (o_proj) is significantly worse than A here (Δ {t_m1['delta']:+.3f}, "
+                  f"{format_p(t_m1['p_value'])}; the paper saw M1 improve at 1.5B, not at 7B)."
+                  if t_m1["p_value"] < ALPHA else
                   f"M1 (o_proj) does not significantly improve on A here ({format_p(t_m1['p_value'])}; the paper saw it "
                   "at 1.5B, not at 7B)."))
     o_level = _majority_level(destroy["zero", "o_proj"])
