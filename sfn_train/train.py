@@ -127,6 +127,11 @@ def log_router_aux_loss(trainer) -> None:
 
 
 def load_train_dataset(script_args, training_args, sfn_args, tokenizer):
+    """The training rows as the trainer reads them (without the validation rows the recipe holds out)."""
+    return load_datasets(script_args, training_args, sfn_args, tokenizer)[0]
+
+
+def load_datasets(script_args, training_args, sfn_args, tokenizer):
     """(train dataset, validation dataset or None, row counts): the validation split is what the recipe declares,
     `validation_fraction` of the training rows, or else (with eval_strategy) the dataset's `dataset_test_split`."""
     from .data import load_rows, load_validation_rows, prepare_dataset, split_validation
@@ -254,7 +259,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     ################
     # trust_remote_code stays False unless the recipe sets it: loading a checkpoint must not run its code.
     tokenizer = load_train_tokenizer(model_args, training_args.trust_remote_code)
-    train_dataset, eval_dataset, row_counts = load_train_dataset(script_args, training_args, sfn_args, tokenizer)
+    train_dataset, eval_dataset, row_counts = load_datasets(script_args, training_args, sfn_args, tokenizer)
 
     ################
     # Model and selection
