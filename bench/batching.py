@@ -50,7 +50,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/length_mix.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/length_mix.py, bench/train_step.py
+
+from train_step import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402 - the same memory readings as train_step
 
 
 def build_assets(folder: Path, hidden: int, layers: int, vocab: int, seq: int, rows: int,
@@ -120,25 +122,6 @@ class StepTimer:
         self.rss_at_start = 0.0
         self.step_peak = self.load_peak = self.train_s = self.cpu_s = 0.0
         self.callback = _Callback()
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # then the step peak includes loading
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 # recipe keys of each way of batching; `auto` sets nothing and lets sfn choose
