@@ -8,8 +8,10 @@ batches, so no run of steps is ordered by length. Whether a fine-tune learns as 
 batches is measured on the lab (bench/batch_composition.py, README "Measured").
 
 The sampler yields row indices (the DataLoader cuts them into batches of `batch_size`); every chunk of `batch_size`
-consecutive indices is one bucket. Seeded from torch's global generator at each epoch, like transformers' samplers, so
-a run is reproducible from its seed and the order differs between epochs.
+consecutive indices is one bucket. Its order comes from a generator seeded with `seed + epoch` (as accelerate's
+SeedableRandomSampler does for random batches), not from torch's global generator: a resumed run, whose global
+generator state at the start of the epoch differs from the original run's, must see the same order to skip the batches
+already trained; and every rank of a distributed run sees the same order.
 """
 
 from __future__ import annotations
@@ -35,16 +37,24 @@ def length_bucket_order(lengths: list[int], batch_size: int, generator=None, meg
 
 
 class LengthBucketSampler:
-    """A torch Sampler over `lengths` yielding `length_bucket_order` afresh at every epoch."""
+    """A torch Sampler over `lengths` yielding `length_bucket_order` afresh at every epoch, from `seed + epoch`."""
 
-    def __init__(self, lengths: list[int], batch_size: int, generator=None):
-        self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
 
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at the start of every epoch, resumed ones too
+        self.epoch = epoch
+
     def __iter__(self):
-        return iter(length_bucket_order(self.lengths, self.batch_size, self.generator))
+        import torch
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = length_bucket_order(self.lengths, self.batch_size, generator)
+        self.epoch += 1  # the next epoch's order differs even where nobody calls set_epoch
+        return iter(order)
 
 
 def sft_trainer_class(base=None):
@@ -59,6 +69,8 @@ def sft_trainer_class(base=None):
             if self.args.train_sampling_strategy != LENGTH_BUCKETS:
                 return super()._get_train_sampler(train_dataset)
             lengths = [len(ids) for ids in dataset["input_ids"]]
-            return LengthBucketSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthBucketSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                       seed)
 
     return SfnSFTTrainer

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import train_recipe
-from sfn_train.batching import LENGTH_BUCKETS, length_bucket_order
+from sfn_train.batching import LENGTH_BUCKETS, LengthBucketSampler, length_bucket_order
 from sfn_train.startup import resolve_batching
 
 
@@ -85,6 +85,26 @@ def test_length_buckets_are_homogeneous_batches_in_random_order():
     assert 0.3 < ups < 0.7
     assert order == length_bucket_order(lengths, 8, torch.Generator().manual_seed(0))  # seeded: reproducible
     assert order != length_bucket_order(lengths, 8, torch.Generator().manual_seed(1))
+
+
+def test_length_bucket_order_depends_on_seed_and_epoch_only():
+    """A resumed run skips the batches already trained by replaying the epoch's order: that order must not depend on
+    the global generator, whose state at the epoch's start differs between the original and the resumed process."""
+    import torch
+
+    lengths = [(7 * i) % 23 + 1 for i in range(64)]
+    first = LengthBucketSampler(lengths, 4, seed=3)
+    first.set_epoch(1)
+    torch.manual_seed(0)
+    original = list(first)
+    resumed = LengthBucketSampler(lengths, 4, seed=3)
+    resumed.set_epoch(1)
+    torch.manual_seed(12345)  # another global state, as in a process that loaded a checkpoint
+    torch.rand(10)
+    assert list(resumed) == original
+    resumed.set_epoch(2)
+    assert list(resumed) != original  # each epoch its own order
+    assert sorted(original) == list(range(64))
 
 
 def test_unset_sampling_on_sdpa_trains_from_length_buckets(tmp_path, qwen2_base, mixed_rows):

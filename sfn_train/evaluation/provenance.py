@@ -22,8 +22,10 @@ def _json(path: Path) -> dict | None:
         return None
 
 
-def training_provenance(model_path: str) -> dict | None:
+def training_provenance(model_path: str | None) -> dict | None:
     """{learning_rate, how, sweep?} for a local checkpoint folder written by `sfn train` or `sfn sweep`, else None."""
+    if not model_path:  # a result that names no model folder (made elsewhere, or by hand)
+        return None
     folder = Path(model_path)
     if not folder.is_dir():
         return None
@@ -51,7 +53,7 @@ def training_provenance(model_path: str) -> dict | None:
 def provenance_lines(rows: list[dict], results: dict) -> list[str]:
     """Markdown table: one line per model with its test result, learning rate and how the rate was chosen.
     `results` maps label -> one eval result of that model (for its path). Empty when no model has a record."""
-    found = {label: training_provenance(r["model"]["path"]) for label, r in results.items()}
+    found = {label: training_provenance(r["model"].get("path")) for label, r in results.items()}
     if not any(p and p["sweep"] for p in found.values()):
         return []
     lines = ["## Learning rates", "",
