@@ -16,6 +16,8 @@ already trained; and every rank of a distributed run sees the same order.
 
 from __future__ import annotations
 
+import math
+
 LENGTH_BUCKETS = "length_buckets"  # the train_sampling_strategy value sfn resolves to (not a transformers value)
 
 
@@ -37,23 +39,30 @@ def length_bucket_order(lengths: list[int], batch_size: int, generator=None, meg
 
 
 class LengthBucketSampler:
-    """A torch Sampler over `lengths` yielding `length_bucket_order` afresh at every epoch, from `seed + epoch`."""
+    """A torch Sampler over `lengths` yielding `length_bucket_order` afresh at every epoch, from `seed + epoch`.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
+    `current_epoch` (a callable) gives the epoch when the sampler is iterated; the Trainer passes its own state's. Its
+    `set_epoch` calls do not reach a sampler under a distributed batch sampler once batches are skipped on resume
+    (accelerate wraps it twice), so the sampler does not rely on them.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, current_epoch=None):
         self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+        self.current_epoch = current_epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at the start of every epoch, resumed ones too
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         import torch
 
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        epoch = self.current_epoch() if self.current_epoch is not None else self.epoch
+        generator = torch.Generator().manual_seed(self.seed + epoch)
         order = length_bucket_order(self.lengths, self.batch_size, generator)
-        self.epoch += 1  # the next epoch's order differs even where nobody calls set_epoch
+        self.epoch = epoch + 1  # the next epoch's order differs even where nobody calls set_epoch
         return iter(order)
 
 
@@ -70,7 +79,9 @@ def sft_trainer_class(base=None):
                 return super()._get_train_sampler(train_dataset)
             lengths = [len(ids) for ids in dataset["input_ids"]]
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            # the epoch being started: state.epoch is k exactly at the end of epoch k-1, and within epoch k (from
+            # the checkpoint's trainer_state) when a run resumes there
             return LengthBucketSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                       seed)
+                                       seed, current_epoch=lambda: math.floor(self.state.epoch or 0))
 
     return SfnSFTTrainer
