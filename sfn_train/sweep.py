@@ -249,17 +249,23 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def run_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra: list[str] | None = None, *,
-              metric: str = "eval_loss", launcher: str | None = None, env: dict | None = None, log=print) -> dict:
-    """Train every point not finished yet, one after another, then `collect`; returns what `collect` returns."""
-    out, extra = Path(out), list(extra or [])
+def _prepare(config: str, grid_specs: list[str], out: Path, extra: list[str], metric: str,
+             launcher: str | None) -> tuple[list, dict]:
+    """(grid points, the sweep record in DIR/sweep.json) after checking the grid, the recipe and every point."""
     grid = parse_grid(grid_specs)
     _check_extra(extra, grid)
     points = grid_points(grid)
     if not Path(config).is_file():
         raise SfnError(f"recipe {config} does not exist: pass --config PATH.yaml.")
     check_points(config, extra, points, out)
-    record = _start(config, extra, grid, points, out, metric, train_launcher(launcher))
+    return points, _start(config, extra, grid, points, out, metric, train_launcher(launcher))
+
+
+def run_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra: list[str] | None = None, *,
+              metric: str = "eval_loss", launcher: str | None = None, env: dict | None = None, log=print) -> dict:
+    """Train every point not finished yet, one after another, then `collect`; returns what `collect` returns."""
+    out, extra = Path(out), list(extra or [])
+    points, record = _prepare(config, grid_specs, out, extra, metric, launcher)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
 
@@ -300,13 +306,7 @@ def plan_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra
                metric: str = "eval_loss", launcher: str | None = None, sbatch_options: list[str] | None = None) -> dict:
     """Write DIR/sweep.json and DIR/sweep_array.sbatch; return {"commands", "sbatch"} (nothing is trained)."""
     out, extra = Path(out), list(extra or [])
-    grid = parse_grid(grid_specs)
-    _check_extra(extra, grid)
-    points = grid_points(grid)
-    if not Path(config).is_file():
-        raise SfnError(f"recipe {config} does not exist: pass --config PATH.yaml.")
-    check_points(config, extra, points, out)
-    record = _start(config, extra, grid, points, out, metric, train_launcher(launcher))
+    points, record = _prepare(config, grid_specs, out, extra, metric, launcher)
     (out / "logs").mkdir(exist_ok=True)
     commands = [e["command"] for e in record["points"]]
     lines = [

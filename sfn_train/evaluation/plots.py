@@ -39,8 +39,8 @@ def _layout(grouped):
     return positions, headings, y
 
 
-def accuracy_plot(rows: list[dict], tasks: list[str], baseline: str, path: Path,
-                  groups: dict[str, str] | None = None) -> Path:
+def _panels(rows: list[dict], tasks: list[str], groups: dict[str, str] | None, top_inches: float):
+    """(pyplot, figure, axes, [(task, grouped rows)]): one panel per task, each as tall as its rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,8 +48,14 @@ def accuracy_plot(rows: list[dict], tasks: list[str], baseline: str, path: Path,
 
     panels = [(task, ordered_rows(rows, task, groups)) for task in tasks]
     heights = [_layout(g)[2] for _, g in panels]
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(7.5, 1.0 + ROW_INCHES * sum(heights) + 0.6 * len(tasks)),
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(7.5, top_inches + ROW_INCHES * sum(heights) + 0.6 * len(tasks)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
+    return plt, fig, axes, panels
+
+
+def accuracy_plot(rows: list[dict], tasks: list[str], baseline: str, path: Path,
+                  groups: dict[str, str] | None = None) -> Path:
+    plt, fig, axes, panels = _panels(rows, tasks, groups, top_inches=1.0)
     group_names = list(dict.fromkeys(g for _, grouped in panels for g, _ in grouped))
     for ax, (task, grouped) in zip(axes[:, 0], panels):
         positions, headings, total = _layout(grouped)
@@ -88,15 +94,7 @@ def accuracy_plot(rows: list[dict], tasks: list[str], baseline: str, path: Path,
 
 def levels_plot(rows: list[dict], tasks: list[str], baseline: str, path: Path,
                 groups: dict[str, str] | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(task, ordered_rows(rows, task, groups)) for task in tasks]
-    heights = [_layout(g)[2] for _, g in panels]
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(7.5, 1.3 + ROW_INCHES * sum(heights) + 0.6 * len(tasks)),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    plt, fig, axes, panels = _panels(rows, tasks, groups, top_inches=1.3)
     for ax, (task, grouped) in zip(axes[:, 0], panels):
         positions, headings, total = _layout(grouped)
         ys = [y for _, y in positions]
