@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 
@@ -57,7 +58,7 @@ def tiny_lab_root(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_lab_end_to_end(tiny_lab_root):
-    from sfn_train.lab.pipeline import Lab
+    from sfn_train.lab.pipeline import REPO_RECIPES, Lab, recipe_rate_note
 
     root = tiny_lab_root
     report = Lab(root, size="tiny", seed=3).run()
@@ -82,8 +83,10 @@ def test_tiny_lab_end_to_end(tiny_lab_root):
     # each variant at the rate its recipe ships, with the validation loss its run measured on held-out traces
     record = json.loads((root / "lab_run.json").read_text())
     rate_row = next(line for line in text.split("## Learning rates")[1].splitlines() if line.startswith("| oproj |"))
-    assert f"| {manifest['recipe']['training']['learning_rate']:g} | recipe | {manifest['metrics']['eval_loss']:.4f}" \
-        in rate_row and record["variants"]["oproj"]["chosen_by"] == "recipe"
+    note = recipe_rate_note((REPO_RECIPES / "oproj.yaml").read_text())
+    assert note.startswith("chosen by `sfn lab --sweep`")  # the row names the sweep that chose the shipped rate
+    assert f"| {manifest['recipe']['training']['learning_rate']:g} | the recipe: {note} | " \
+        f"{manifest['metrics']['eval_loss']:.4f}" in rate_row and record["variants"]["oproj"]["chosen_by"] == "recipe"
     assert "## What this run found" in text and "## What the lab can and cannot show" in text
     assert (root / "compare.md").exists() and (root / "compare_accuracy.png").stat().st_size > 0
     assert re.search(r"\| zero \| (I|II|III|IV) \(", text)
@@ -116,3 +119,52 @@ def test_tiny_lab_sweep_mode_uses_the_best_point(tiny_lab_root):
     assert f"| {trained['learning_rate']:g} | its sweep (lowest validation loss) |" in row
     assert "### Sweep of `oproj`" in text and text.count("**best**") == 1
     assert (tiny_lab_root / "sweeps.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tiny_lab_sweep_is_kept_when_only_the_recipes_rate_or_comments_change(tiny_lab_root, tmp_path):
+    """Shipping the rate a sweep chose (and a comment naming that sweep) edits the recipe: the sweep that chose it
+    must stay cached, while a recipe-rate run must train again at the new rate."""
+    from sfn_train.lab.pipeline import REPO_RECIPES, Lab
+
+    Lab(tiny_lab_root, size="tiny", seed=3, sweep=True, variants=("oproj",)).run(["finetune"])
+    recipes = tmp_path / "recipes"
+    shutil.copytree(REPO_RECIPES, recipes)
+    text = (recipes / "oproj.yaml").read_text()
+    edited = re.sub(r"(?m)^learning_rate: .*$", "learning_rate: 0.5   # chosen by a sweep", "# a new comment\n" + text)
+    assert edited != text
+    (recipes / "oproj.yaml").write_text(edited)
+    weights = {p: p.stat().st_mtime_ns for p in (tiny_lab_root / "sweeps").rglob("*.safetensors")}
+    assert weights
+    lines = []
+    lab = Lab(tiny_lab_root, size="tiny", seed=3, recipes=recipes, sweep=True, variants=("oproj",), log=lines.append)
+    lab.run(["finetune"])
+    assert "[lab] sweep:oproj: cached" in "\n".join(lines[-3:]) and lab.trained["oproj"]["recipe_rate"] == 0.5
+    assert weights == {p: p.stat().st_mtime_ns for p in (tiny_lab_root / "sweeps").rglob("*.safetensors")}
+    # without --sweep the rate is what the stage trains at: a new rate is a new stage, a new comment is not
+    shipped, rerated = (Lab(tiny_lab_root, size="tiny", seed=3, recipes=r) for r in (REPO_RECIPES, recipes))
+    for lab in (shipped, rerated):
+        lab.hashes.update(data="d", base="b")
+    assert shipped.finetune_inputs("oproj") != rerated.finetune_inputs("oproj")
+    (recipes / "oproj.yaml").write_text("# only a comment changed\n" + text)
+    assert shipped.finetune_inputs("oproj") == rerated.finetune_inputs("oproj")
+
+
+def test_report_limits_quote_the_widest_interval_and_name_variants_at_the_ceiling():
+    """A variant at 1.000 has a narrow interval: the resolution must not be quoted from it alone, and the report must
+    say the test cannot rank variants that solve everything."""
+    from sfn_train.lab.report import _limits
+
+    def result(p, lo, hi):
+        return {"summary": {"pass_at_1": p, "ci_low": lo, "ci_high": hi, "n_problems": 200}}
+
+    results = {"A": result(0.17, 0.12, 0.22), "full": result(1.0, 0.981, 1.0), "f3": result(1.0, 0.981, 1.0),
+               "oproj": result(0.465, 0.395, 0.535)}
+    run = {"sweep": True, "variants": {v: {} for v in ("full", "oproj", "f3")}}
+    lines = _limits(results, result(1.0, 0.963, 1.0), run, 854912, 42)
+    resolution = next(line for line in lines if line.startswith("Resolution:"))
+    assert "±0.07 (oproj at 0.465)" in resolution and "±0.01 (full at 1.000)" in resolution
+    assert any(line.startswith("Ceiling: full, f3 solve every test problem") for line in lines)
+    results["f3"] = result(0.9, 0.85, 0.94)
+    results["full"] = result(0.95, 0.92, 0.98)
+    assert not any(line.startswith("Ceiling:") for line in _limits(results, results["A"], run, 854912, 42))

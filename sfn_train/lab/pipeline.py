@@ -86,6 +86,12 @@ def recipe_learning_rate(text: str) -> float:
     return float(yaml.safe_load(text)["learning_rate"])
 
 
+def recipe_rate_note(text: str) -> str | None:
+    """The comment on the recipe's `learning_rate:` line: which sweep chose the rate the recipe ships."""
+    line = next((ln for ln in text.splitlines() if ln.startswith("learning_rate:")), "")
+    return line.partition("#")[2].strip() or None
+
+
 class Lab:
     def __init__(self, root: str | os.PathLike, size: str = "small", seed: int = 42, recipes: Path = REPO_RECIPES,
                  sweep: bool = False, variants: tuple[str, ...] = tuple(VARIANTS), log=print):
@@ -176,24 +182,23 @@ class Lab:
             shutil.rmtree(init)
 
         return self.stage("base", self.root / "base", {"up": self.hashes["data"], "size": asdict(s),
-                                                        "recipe": self._recipe_text("base")}, build)
+                                                        "recipe": self.recipe_settings("base")}, build)
 
     def finetunes(self) -> dict[str, dict]:
         for variant in self.variants:
-            recipe = self._recipe_text(variant)
-            shipped = recipe_learning_rate(recipe)
-            inputs = {"up": [self.hashes["data"], self.hashes["base"]], "recipe": recipe,
-                      "epochs": self.size.finetune_epochs}
+            text = self._recipe_text(variant)
+            shipped, note = recipe_learning_rate(text), recipe_rate_note(text)
+            inputs = self.finetune_inputs(variant)
             if self.sweep:
-                rates = self.size.sweep_rates
-                folder = self.stage(f"sweep:{variant}", self.root / "sweeps" / variant, {**inputs, "rates": rates},
+                folder = self.stage(f"sweep:{variant}", self.root / "sweeps" / variant, inputs,
                                     lambda out, v=variant: self.run_sweep(v, out), resumable=True)
                 summary = json.loads((folder / "sweep.json").read_text())
                 best = next(p for p in summary["points"] if p["best"])
                 self.hashes[f"finetune:{variant}"] = self.hashes[f"sweep:{variant}"]
                 self.trained[variant] = {
                     "folder": best["folder"], "learning_rate": best["learning_rate"], "chosen_by": "sweep",
-                    "sweep": str(folder / "sweep.json"), "recipe_rate": shipped, "rates": list(rates),
+                    "sweep": str(folder / "sweep.json"), "recipe_rate": shipped, "recipe_note": note,
+                    "rates": list(self.size.sweep_rates),
                     "validation": {k: best[k] for k in ("eval_loss", "eval_mean_token_accuracy")}}
             else:
                 folder = self.stage(f"finetune:{variant}", self.root / "runs" / variant, inputs,
@@ -203,9 +208,17 @@ class Lab:
                 metrics = json.loads((folder / "sfn_manifest.json").read_text())["metrics"]
                 self.trained[variant] = {
                     "folder": str(folder), "learning_rate": shipped, "chosen_by": "recipe", "sweep": None,
-                    "recipe_rate": shipped,
+                    "recipe_rate": shipped, "recipe_note": note,
                     "validation": {k: metrics.get(k) for k in ("eval_loss", "eval_mean_token_accuracy")}}
         return self.trained
+
+    def finetune_inputs(self, variant: str) -> dict:
+        """What a fine-tune stage's cache key covers: the recipe's settings as parsed (so an edited comment keeps an
+        hour of sweeps valid) without the learning rate when the stage sweeps it, the upstream stages and the epochs."""
+        ignored = ("learning_rate",) if self.sweep else ()
+        inputs = {"up": [self.hashes["data"], self.hashes["base"]], "recipe": self.recipe_settings(variant, ignored),
+                  "epochs": self.size.finetune_epochs}
+        return {**inputs, "rates": self.size.sweep_rates} if self.sweep else inputs
 
     def run_sweep(self, variant: str, out: Path) -> None:
         from ..sweep import run_sweep
@@ -317,6 +330,11 @@ class Lab:
         }
 
     # -- training through the recipes, one subprocess per run ---------------------------------------------------------
+    def recipe_settings(self, name: str, ignored: tuple[str, ...] = ()) -> dict:
+        import yaml
+
+        return {k: v for k, v in yaml.safe_load(self._recipe_text(name)).items() if k not in ignored}
+
     def _recipe_text(self, name: str) -> str:
         path = self.recipes / f"{name}.yaml"
         if not path.exists():

@@ -346,7 +346,9 @@ def _rates_section(root: Path, run: dict) -> list[str]:
     for v, info in variants.items():
         val = info.get("validation") or {}
         loss, acc = val.get("eval_loss"), val.get("eval_mean_token_accuracy")
-        how = "its sweep (lowest validation loss)" if info["chosen_by"] == "sweep" else "recipe"
+        note = info.get("recipe_note")
+        how = ("its sweep (lowest validation loss)" if info["chosen_by"] == "sweep" else
+               f"the recipe: {note}" if note else "the recipe")
         ships = f"{info['recipe_rate']:g}" + ("" if info["recipe_rate"] == info["learning_rate"] else " (differs)")
         lines.append(f"| {v} | {info['learning_rate']:g} | {how} | {'—' if loss is None else f'{loss:.4f}'} | "
                      f"{'—' if acc is None else f'{acc:.4f}'} | {ships} |")
@@ -471,9 +473,13 @@ def _fraction(info: dict) -> float:
 
 def _limits(results: dict, onestep: dict, run: dict, n_params: int, seed: int) -> list[str]:
     """What this scale can and cannot support, with the numbers that decide it."""
-    b = results["full"]
-    n = b["summary"]["n_problems"]
-    half = (b["summary"]["ci_high"] - b["summary"]["ci_low"]) / 2
+    tuned = {v: results[v]["summary"] for v in run["variants"] if v in results}
+    n = results["full"]["summary"]["n_problems"]
+    # A CI is narrowest at 0 or 1 and widest near 0.5: quote both ends, so that a variant at the ceiling does not make
+    # the test look sharper than it is for the variants in between
+    half = {v: (s["ci_high"] - s["ci_low"]) / 2 for v, s in tuned.items()}
+    narrow, wide = min(half, key=half.get), max(half, key=half.get)
+    ceiling = [v for v, s in tuned.items() if s["pass_at_1"] == 1.0]
     sweep_note = ("each variant's rate was chosen by its own sweep in this run" if run["sweep"] else
                   "the rates come from the recipes, whose comments say which sweep chose each rate and which rate no "
                   "sweep has chosen yet, not from a sweep in this run")
@@ -483,8 +489,9 @@ def _limits(results: dict, onestep: dict, run: dict, n_params: int, seed: int) -
         f"Can: compare training only o_proj with full fine-tuning on one synthetic skill (chaining modular "
         f"arithmetic) where the base model demonstrably knows the single steps ({onestep['summary']['pass_at_1']:.2f}), "
         f"each variant at a learning rate tuned for it ({sweep_note}).",
-        f"Resolution: {n} test problems give a 95% CI of about ±{half:.2f} on B's pass@1, so differences below "
-        "about 0.1 between variants are mostly not significant; one seed, so run-to-run variation of training is "
+        f"Resolution: {n} test problems give 95% CIs from ±{half[narrow]:.2f} ({narrow} at "
+        f"{tuned[narrow]['pass_at_1']:.3f}) to ±{half[wide]:.2f} ({wide} at {tuned[wide]['pass_at_1']:.3f}); "
+        "differences smaller than that are mostly not significant; one seed, so run-to-run variation of training is "
         "not in these intervals.",
         f"Cannot: speak for models of the paper's size ({n_params / 1e6:.2f}M parameters here vs 1.5B-32B), for "
         "natural-language reasoning, long chains of thought, or reflection: the paper's o_proj claims concern "
@@ -493,6 +500,11 @@ def _limits(results: dict, onestep: dict, run: dict, n_params: int, seed: int) -
         "Cannot: separate 'o_proj cannot carry this skill' from 'o_proj needs more steps' beyond the epochs run "
         "here (every variant trains for the same number of steps).",
     ]
+    if ceiling:
+        many = len(ceiling) > 1
+        lines.append(f"Ceiling: {', '.join(ceiling)} solve{'' if many else 's'} every test problem (1.000), so this "
+                     f"test cannot rank {'them against each other' if many else 'it against a stronger variant'}; "
+                     "a harder task (longer chains) would be needed to do so.")
     if edges:
         lines.append("Sweep caveat: " + " ".join(edges))
     if not run.get("scale"):
