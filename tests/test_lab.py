@@ -168,3 +168,47 @@ def test_report_limits_quote_the_widest_interval_and_name_variants_at_the_ceilin
     results["f3"] = result(0.9, 0.85, 0.94)
     results["full"] = result(0.95, 0.92, 0.98)
     assert not any(line.startswith("Ceiling:") for line in _limits(results, results["A"], run, 854912, 42))
+
+
+@pytest.mark.slow
+def test_tiny_lab_scale_stage_compares_sizes_from_their_own_labs(tiny_lab_root, monkeypatch):
+    """`sfn lab --scale`: one lab per size; each point's numbers are that lab's eval files, the gap their paired
+    difference, and the report shows the table and the plot."""
+    from dataclasses import replace
+
+    from sfn_train.evaluation import load_result
+    from sfn_train.lab import pipeline
+    from sfn_train.lab.report import per_problem
+
+    monkeypatch.setitem(pipeline.SIZES, "tiny_wide", replace(pipeline.SIZES["tiny"], hidden=96))
+    report = pipeline.Lab(tiny_lab_root, size="tiny", seed=3).run(scale=["tiny", "tiny_wide"])
+    points = {p["size"]: p for p in json.loads((tiny_lab_root / "lab_run.json").read_text())["scale"]["points"]}
+    assert points["tiny_wide"]["params"] > points["tiny"]["params"]
+    for size, root in (("tiny", tiny_lab_root), ("tiny_wide", tiny_lab_root / "scale" / "tiny_wide")):
+        res = {v: load_result(root / "evals" / f"{v}__lab_reason.json") for v in ("A", "full", "oproj")}
+        assert points[size]["pass_at_1"] == {v: r["summary"]["pass_at_1"] for v, r in res.items()}
+        full, oproj = per_problem(res["full"]), per_problem(res["oproj"])
+        assert points[size]["gap"] == pytest.approx(sum(full[i] - oproj[i] for i in full) / len(full))
+    assert not (tiny_lab_root / "scale" / "tiny_wide" / "runs" / "f1").exists()  # the scale labs train full and oproj
+    text = report.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| tiny_wide |"))
+    assert f"| {points['tiny_wide']['params']:,} |" in row and (tiny_lab_root / "scale_gap.png").stat().st_size > 0
+
+
+def test_scale_section_says_which_side_moved_and_flags_a_size_that_did_not_learn(tmp_path):
+    from sfn_train.lab.report import _scale_section
+
+    def point(size, params, a, full, oproj):
+        return {"size": size, "params": params, "pass_at_1": {"A": a, "full": full, "oproj": oproj},
+                "rates": {"full": 1e-3, "oproj": 1e-2}, "chosen_by": {"full": "sweep", "oproj": "sweep"},
+                "gap": full - oproj, "gap_ci": [full - oproj - 0.05, full - oproj + 0.05], "p_value": 0.01,
+                "seconds": 1.0}
+
+    collapsed = "\n".join(_scale_section(tmp_path, {"points": [point("small", 1e6, 0.17, 1.0, 0.465),
+                                                               point("medium", 3e6, 0.17, 0.24, 0.35)]}))
+    assert "Most of the change is full fine-tuning's: full 1.000 -> 0.240, o_proj 0.465 -> 0.350." in collapsed
+    assert "At medium, full fine-tuning gains only +0.070 over its A (vs +0.830 at small)" in collapsed
+    caught_up = "\n".join(_scale_section(tmp_path, {"points": [point("small", 1e6, 0.17, 0.9, 0.4),
+                                                               point("medium", 3e6, 0.17, 0.92, 0.85)]}))
+    assert "Most of the change is o_proj-only tuning's" in caught_up and "gains only" not in caught_up
+    assert (tmp_path / "scale_gap.png").stat().st_size > 0

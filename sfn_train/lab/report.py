@@ -163,8 +163,18 @@ def _scale_plot(scale: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     pts = sorted(scale["points"], key=lambda p: p["params"])
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, (acc_ax, ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     x = [p["params"] for p in pts]
+    # left: the accuracies the gap is made of, so a reader sees which side moved
+    for label, key, color in (("A (no fine-tune)", "A", "#999999"), ("full", "full", "#4c72b0"),
+                              ("o_proj only", "oproj", "#dd8452")):
+        acc_ax.plot(x, [100 * p["pass_at_1"][key] for p in pts], marker="o", label=label, color=color)
+    acc_ax.set_ylim(0, 105)
+    acc_ax.set_xlabel("parameters of A (log)")
+    acc_ax.set_ylabel("pass@1 (%)")
+    acc_ax.set_title("Accuracy per size", fontsize=10)
+    acc_ax.legend(fontsize=8, loc="best")
+    acc_ax.grid(alpha=0.3, which="both")
     y = [100 * p["gap"] for p in pts]
     err = [[100 * (p["gap"] - p["gap_ci"][0]) for p in pts], [100 * (p["gap_ci"][1] - p["gap"]) for p in pts]]
     ax.errorbar(x, y, yerr=err, marker="o", capsize=4, color="#4c72b0")
@@ -172,10 +182,13 @@ def _scale_plot(scale: dict, out: Path) -> Path:
         ax.annotate(f"{p['size']}: {yi:+.1f} ({format_p(p['p_value'])})", (xi, yi), textcoords="offset points",
                     xytext=(6, 6), fontsize=8)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xscale("log")
+    for a in (acc_ax, ax):  # one labelled tick per size instead of log decades
+        a.set_xscale("log")
+        a.set_xticks(x, [f"{p['size']}\n{p['params'] / 1e6:.2f}M" for p in pts])
+        a.minorticks_off()
     ax.set_xlabel("parameters of A (log)")
     ax.set_ylabel("full − o_proj pass@1 (points)")
-    ax.set_title("Gap between full and o_proj-only fine-tuning vs model size\n(95% paired-bootstrap CI)", fontsize=10)
+    ax.set_title("Gap full − o_proj vs model size\n(95% paired-bootstrap CI)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -379,9 +392,24 @@ def _scale_section(root: Path, scale: dict) -> list[str]:
     small, large = pts[0], pts[-1]
     overlap = not (small["gap_ci"][1] < large["gap_ci"][0] or large["gap_ci"][1] < small["gap_ci"][0])
     trend = ("shrinks" if large["gap"] < small["gap"] else "grows") + " from the smallest to the largest size"
+    # A gap closes when o_proj gains or when full loses: say which moved. Every size trains the same number of steps,
+    # so a size whose full fine-tune learned far less of the skill than another size's compares under-trained runs.
+    first, last = small["pass_at_1"], large["pass_at_1"]
+    d_full, d_oproj = last["full"] - first["full"], last["oproj"] - first["oproj"]
+    mover = "full fine-tuning" if abs(d_full) >= abs(d_oproj) else "o_proj-only tuning"
+    gains = {p["size"]: p["pass_at_1"]["full"] - p["pass_at_1"]["A"] for p in pts}
+    best = max(gains, key=gains.get)
+    weak = [size for size, gain in gains.items() if gain < gains[best] / 2]
     lines += ["", f"The gap {trend} ({small['gap']:+.3f} -> {large['gap']:+.3f}); "
               + ("the two CIs overlap, so this run cannot tell a trend from noise." if overlap else
-                 "the two CIs do not overlap."), "", f"![gap vs size]({plot.name})", ""]
+                 "the two CIs do not overlap.")
+              + f" Most of the change is {mover}'s: full {first['full']:.3f} -> {last['full']:.3f}, o_proj "
+              f"{first['oproj']:.3f} -> {last['oproj']:.3f}."]
+    for size in weak:
+        lines.append(f"At {size}, full fine-tuning gains only {gains[size]:+.3f} over its A (vs {gains[best]:+.3f} at "
+                     f"{best}) in the same number of steps: that model did not learn the skill, so its gap says "
+                     "little about o_proj at scale.")
+    lines += ["", f"![gap vs size]({plot.name})", ""]
     return lines
 
 
