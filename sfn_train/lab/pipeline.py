@@ -390,7 +390,7 @@ def run_lab(root="lab", size="small", seed=42, stages=None, sweep=False, scale=N
 def cli_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="sfn lab", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="small",
-                        help="small (default; 12 min measured, see the README), medium, large; tiny is for tests")
+                        help="small (default; 13 min measured, see the README), medium, large; tiny is for tests")
     parser.add_argument("--root", default="lab", help="folder for everything the lab writes (default ./lab)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--sweep", action="store_true",
