@@ -112,6 +112,32 @@ def run_with_callbacks(recipe: Path, *callbacks, flags: tuple[str, ...] = ()) ->
     return run_sft(*parse_recipe(["--config", str(recipe), *flags]), callbacks=list(callbacks))
 
 
+def assert_resumes_from_step_2(tmp_path: Path, base: Path, data: Path, reference: Path, selected: set[str],
+                                **save) -> Path:
+    """Resume a copy of `reference`'s checkpoint-2 (a 4-step run) in a fresh output folder and check what ran.
+
+    Training is deterministic, so a run that silently restarted from step 0 would end on the same weights: the steps
+    that ran (watched from the Trainer's state and read from the run's manifest) are what shows it resumed; it must
+    also train only `selected` and end bitwise on the reference run's weights.
+    """
+    import shutil
+
+    import torch
+
+    out = tmp_path / "resumed" / "out"
+    out.mkdir(parents=True)
+    shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
+    watcher = step_watcher()
+    run_with_callbacks(train_recipe(tmp_path / "resumed", base, data, resume_from_checkpoint="true", **save), watcher)
+    assert (watcher.start_step, watcher.steps) == (2, 2)
+    steps = json.loads((out / "sfn_manifest.json").read_text())["engine"]["steps"]
+    assert steps == {"resumed_at": 2, "run_in_this_process": 2}  # the run's own record says the same
+    resumed, expected = load_tensors(out), load_tensors(reference)
+    assert changed_tensors(base, out)[0] == selected
+    assert all(torch.equal(resumed[n], expected[n]) for n in expected)
+    return out
+
+
 def step_watcher(names=()):
     """A Trainer callback recording, from the Trainer's own state: the step training started at, the optimizer steps
     it ran, and (at the end) a copy of the live model's parameters named in `names`.

@@ -17,6 +17,7 @@ import torch
 from conftest import (
     REPO,
     RUN_RECORDS,
+    assert_resumes_from_step_2,
     changed_tensors,
     load_tensors,
     one_line_error,
@@ -125,24 +126,11 @@ def test_any_selection_trains_through_8bit(tmp_path, qwen2_base, sum_data):
 
 def test_resume_runs_only_the_remaining_steps_and_gives_the_same_weights(tmp_path, qwen2_base, sum_data):
     """checkpoint-N folders hold the quantized model (for resuming only); resuming re-quantizes the same base and runs
-    steps 3-4 only (a run that restarted from step 0 would end on the same weights)."""
-    import shutil
-
+    steps 3-4 only (a run that restarted from step 0 would end on the same weights; `assert_resumes_from_step_2`)."""
     save = dict(max_steps=4, save_strategy="steps", save_steps=2, quantize_frozen="4bit")
     (tmp_path / "full").mkdir()
     reference = train(tmp_path / "full", qwen2_base, sum_data, **save)
-    (tmp_path / "resumed" / "out").mkdir(parents=True)
-    out = tmp_path / "resumed" / "out"
-    shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
-    watcher = step_watcher()
-    run_with_callbacks(train_recipe(tmp_path / "resumed", qwen2_base, sum_data, resume_from_checkpoint="true", **save),
-                       watcher)
-    assert (watcher.start_step, watcher.steps) == (2, 2)
-    steps = json.loads((out / "sfn_manifest.json").read_text())["engine"]["steps"]
-    assert steps == {"resumed_at": 2, "run_in_this_process": 2}  # the run's own record says the same
-    resumed, expected = load_tensors(out), load_tensors(reference)
-    assert changed_tensors(qwen2_base, out)[0] == O_PROJ
-    assert all(torch.equal(resumed[n], expected[n]) for n in expected)
+    out = assert_resumes_from_step_2(tmp_path, qwen2_base, sum_data, reference, O_PROJ, **save)
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
 
 

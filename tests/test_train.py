@@ -8,7 +8,15 @@ import logging
 import pytest
 import torch
 
-from conftest import changed_tensors, load_tensors, one_line_error, run_with_callbacks, step_watcher, train_recipe
+from conftest import (
+    assert_resumes_from_step_2,
+    changed_tensors,
+    load_tensors,
+    one_line_error,
+    run_with_callbacks,
+    step_watcher,
+    train_recipe,
+)
 from sfn_train.cli import main
 from sfn_train.manifest import manifest_problems
 from sfn_train.roles import select_names
@@ -266,33 +274,15 @@ def test_frozen_parameters_get_no_optimizer_state(qwen2_base, sum_data, tmp_path
 
 
 def test_resume_runs_only_the_remaining_steps_and_gives_the_same_weights(tmp_path, qwen2_base, sum_data):
-    """Resuming from the step-2 checkpoint of a 4-step run runs steps 3-4 only and ends bitwise on that run's weights.
-
-    Training is deterministic, so a run that silently restarted from step 0 would end on the same weights: the steps
-    that ran are what shows it resumed.
-    """
-    import shutil
-
+    """Resuming from the step-2 checkpoint of a 4-step run runs steps 3-4 only and ends bitwise on that run's weights
+    (the checks are in `assert_resumes_from_step_2`)."""
     save = dict(max_steps=4, save_strategy="steps", save_steps=2)
     (tmp_path / "full").mkdir()
     full = step_watcher()
     reference = run_with_callbacks(train_recipe(tmp_path / "full", qwen2_base, sum_data, **save), full)
     assert (reference / "checkpoint-2").is_dir()
     assert (full.start_step, full.steps) == (0, 4)
-
-    (tmp_path / "resumed").mkdir()
-    out = tmp_path / "resumed" / "out"
-    out.mkdir()
-    shutil.copytree(reference / "checkpoint-2", out / "checkpoint-2")
-    resumed_run = step_watcher()
-    run_with_callbacks(train_recipe(tmp_path / "resumed", qwen2_base, sum_data, resume_from_checkpoint="true", **save),
-                       resumed_run)
-    assert (resumed_run.start_step, resumed_run.steps) == (2, 2)
-    steps = json.loads((out / "sfn_manifest.json").read_text())["engine"]["steps"]
-    assert steps == {"resumed_at": 2, "run_in_this_process": 2}  # the run's own record says the same
-    resumed, expected = load_tensors(out), load_tensors(reference)
-    assert changed_tensors(qwen2_base, out)[0] == O_PROJ
-    assert all(torch.equal(resumed[n], expected[n]) for n in expected)
+    assert_resumes_from_step_2(tmp_path, qwen2_base, sum_data, reference, O_PROJ, **save)
 
 
 # --- bad input: one clear line, exit code 2 ---------------------------------------------------------------------------
