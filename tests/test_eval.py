@@ -322,7 +322,9 @@ class _StopAtOnceModel:
 
 
 def test_budget_forcing_appends_wait_n_times():
-    from sfn_train.evaluation.generate import GenerationSettings, generate_hf, make_rows
+    from sfn_train.evaluation.forcing import make_rows
+    from sfn_train.evaluation.hf_backend import generate_hf
+    from sfn_train.evaluation.settings import GenerationSettings
     from sfn_train.tiny import build_tokenizer
 
     tok = build_tokenizer()
@@ -466,7 +468,8 @@ def test_base_plus_plugin(qwen2_base, task_file, tmp_path):
 
     from sfn_train.checkpoint import Checkpoint, fingerprint
     from sfn_train.cli import main
-    from sfn_train.evaluation.generate import GenerationSettings, ModelSpec, load_hf_model
+    from sfn_train.evaluation.hf_backend import load_hf_model
+    from sfn_train.evaluation.settings import GenerationSettings, ModelSpec
     from sfn_train.plugin import write_plugin
 
     name = "model.layers.1.self_attn.o_proj.weight"
@@ -492,7 +495,8 @@ def test_base_plus_plugin(qwen2_base, task_file, tmp_path):
 def test_plugin_with_unknown_tensor_is_refused(qwen2_base, tmp_path):
     import torch
 
-    from sfn_train.evaluation.generate import GenerationSettings, ModelSpec, load_hf_model
+    from sfn_train.evaluation.hf_backend import load_hf_model
+    from sfn_train.evaluation.settings import GenerationSettings, ModelSpec
     from sfn_train.plugin import write_plugin
 
     plugin = write_plugin(tmp_path / "bad.safetensors", {"model.layers.9.self_attn.o_proj.weight": torch.zeros(2, 2)},
@@ -576,7 +580,9 @@ def test_checkpoint_generation_defaults_do_not_leak(qwen2_base, tmp_path):
     """A generation_config.json with top_k=1 / repetition_penalty=3 must not change sampling; its EOS ids count."""
     import shutil
 
-    from sfn_train.evaluation.generate import GenerationSettings, ModelSpec, eos_token_ids, load_hf_model
+    from sfn_train.evaluation.hf_backend import load_hf_model
+    from sfn_train.evaluation.settings import GenerationSettings, ModelSpec
+    from sfn_train.evaluation.tokens import eos_token_ids
 
     ckpt = tmp_path / "with_defaults"
     shutil.copytree(qwen2_base, ckpt)

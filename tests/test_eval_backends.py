@@ -19,8 +19,11 @@ import torch
 from conftest import one_line_error
 from sfn_train.checkpoint import Checkpoint, fingerprint
 from sfn_train.errors import SfnError
-from sfn_train.evaluation.generate import (GenerationSettings, ModelSpec, VllmEngine, context_length, generate_hf,
-                                           make_rows)
+from sfn_train.evaluation.context import context_length
+from sfn_train.evaluation.forcing import make_rows
+from sfn_train.evaluation.hf_backend import generate_hf
+from sfn_train.evaluation.settings import GenerationSettings, ModelSpec
+from sfn_train.evaluation.vllm_backend import VllmEngine
 from sfn_train.plugin import write_plugin
 
 END = "<|im_start|>"  # the tiny tokenizer's one-token delimiter, the one s1 itself uses to close thinking
@@ -141,7 +144,7 @@ class FakeVllm:
         monkeypatch.setitem(sys.modules, "vllm", self.module)
         monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
         monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", self.parallel_state)
-        monkeypatch.setattr("sfn_train.evaluation.generate.visible_gpus", lambda: gpus)
+        monkeypatch.setattr("sfn_train.evaluation.vllm_backend.visible_gpus", lambda: gpus)
         return self
 
 

@@ -110,7 +110,7 @@ def eval_main(argv: list[str]) -> int:
     if a.plugin and len(a.models) != 1:
         raise SfnError("--plugin applies to one base model, but several were given; evaluate the base+plugin "
                        "in its own `sfn eval` call with the same --out folder.")
-    from .generate import ModelSpec
+    from .settings import ModelSpec
     from .run import evaluate
 
     models = [ModelSpec(m, plugin=a.plugin, force_plugin=a.force) for m in a.models]

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..errors import SfnError
-from .generate import signature_differences
+from .tokens import signature_differences
 from .run import load_result
 from .stats import N_RESAMPLES, format_p, paired_bootstrap, pass_at_1
 

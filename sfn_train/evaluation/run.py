@@ -23,25 +23,12 @@ from pathlib import Path
 from ..errors import SfnError
 from ..manifest import new_manifest, write_json
 from . import levels as levels_mod
-from .generate import (
-    GenerationSettings,
-    ModelSpec,
-    VllmEngine,
-    build_prompt_ids,
-    check_max_model_len,
-    check_vllm,
-    end_of_thinking_id,
-    eos_token_ids,
-    free_model,
-    generate_hf,
-    hf_context_length,
-    load_hf_model,
-    load_tokenizer,
-    make_rows,
-    resolve_device,
-    signature_differences,
-    tokenizer_signature,
-)
+from .context import check_max_model_len
+from .forcing import end_of_thinking_id, make_rows
+from .hf_backend import free_model, generate_hf, hf_context_length, load_hf_model, resolve_device
+from .settings import GenerationSettings, ModelSpec
+from .tokens import build_prompt_ids, eos_token_ids, load_tokenizer, signature_differences, tokenizer_signature
+from .vllm_backend import VllmEngine, check_vllm
 from .grading import DEFAULT_TIMEOUT_S, grade_many
 from .stats import summarize
 from .tasks import Task, load_task

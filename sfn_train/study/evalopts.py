@@ -51,7 +51,7 @@ def eval_flags(options: dict, where: str = "eval") -> list[str]:
 def parse_eval_options(options: dict, tasks: list[str], where: str = "eval") -> argparse.Namespace:
     """The `sfn eval` namespace these options give (defaults filled in), checked as `sfn eval` checks them."""
     from ..evaluation.cli import eval_parser, evaluate_kwargs
-    from ..evaluation.generate import GenerationSettings
+    from ..evaluation.settings import GenerationSettings
 
     argv = ["MODEL", *[x for t in tasks for x in ("--task", str(t))], "--out", "OUT", *eval_flags(options, where)]
     try:
