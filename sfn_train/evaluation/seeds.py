@@ -1,0 +1,175 @@
+"""Comparisons whose interval covers training seeds as well as test problems.
+
+Why: a fine-tune's score moves with its training seed (data order, initialisation) far more than with the sample of
+test problems. The lab's full fine-tune scored 1.000, 0.770 and 0.175 on seeds 42, 43, 44 with one recipe; a test
+that resamples problems only (`stats.paired_bootstrap`) calls a one-seed difference "p<0.001" that the next seed can
+reverse. Here the unit of replication is the training run, and problems are the second source of variance.
+
+The method, named `METHOD` in every result, is a **seed-level Welch t-test with a problem-sampling term**:
+
+- each seed's score is its mean pass@1 over the problems; a variant's score is the mean over its seeds;
+- the variance of the difference of the two means is `s_a^2 / k_a + s_b^2 / k_b + s_p^2 / P`, where `s_a^2` and `s_b^2`
+  are the sample variances of the seed scores (what another seed would do) and `s_p^2` the variance over the P
+  problems of the per-problem difference, each side averaged over its seeds (what another sample of problems would
+  do; the seed terms cannot see it, since every seed answered the same problems);
+- the reference distribution is Student's t with Welch-Satterthwaite degrees of freedom over the three terms, so at 3
+  seeds per side it has about 2-4 degrees of freedom and its interval is as wide as 3 seeds warrant.
+
+With no seed variance it reduces to a paired test over problems; with much seed variance it is Welch's t over runs
+(Bouthillier et al. 2021 recommend comparing over runs; Dodge et al. 2020 show how far fine-tuning moves with the seed).
+Why not the alternatives: an exact permutation test over seeds cannot go below p = 0.1 with 3 seeds per side
+(2 of the 20 relabellings are as extreme as the observed one); a two-level bootstrap (seeds, then problems) resamples
+3 seeds into at most 10 distinct sets and underestimates their variance, so it rejects too often at 3 seeds (see
+docs/seeds.md for the simulated rates).
+
+What it needs: at least 3 seeds on each side (`MIN_SEEDS`). With fewer, seed variance cannot be estimated, and the
+result falls back to the paired bootstrap over problems on the seed-averaged scores, says so in `method` and `note`,
+and sets `seed_variance_estimable` False: its p-value then does not cover a different training seed.
+
+Calibration (tests/test_seeds.py, simulated with a seed effect as large as the lab's): see docs/seeds.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .stats import bootstrap_ci, paired_bootstrap
+
+METHOD = "seed-level Welch t with a problem term (seeds + problems)"
+FALLBACK = "paired bootstrap over problems (seed-averaged; seed variance not estimated)"
+MIN_SEEDS = 3
+LEVEL = 0.95
+NOT_SEEDS = "this test covers the sampling of problems only, not a different training seed"
+
+
+def _scores(x, name: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=float)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name}: scores must be a non-empty list (seeds) of lists (problems), got shape {arr.shape}")
+    return arr
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point; use the symmetry
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return front * h
+
+
+def t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom (df > 0, not necessarily an integer)."""
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return tail if t >= 0 else 1.0 - tail
+
+
+def t_ppf(q: float, df: float) -> float:
+    """The q-quantile of Student's t (0.5 <= q < 1). Newton's method from the normal quantile, which lies below it;
+    the tail is convex there, so the steps rise to the root without overshooting."""
+    from statistics import NormalDist
+
+    t = NormalDist().inv_cdf(q)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    for _ in range(100):
+        pdf = math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
+        step = (t_sf(t, df) - (1 - q)) / pdf
+        t += step
+        if abs(step) < 1e-12 * max(1.0, t):
+            break
+    return t
+
+
+def _t_test(diff: float, parts: list[tuple[float, int]]) -> tuple[float, float, float, float]:
+    """(p_value, ci_low, ci_high, df) for `diff` with variance sum(v) over parts (v, degrees of freedom)."""
+    var = sum(v for v, _ in parts)
+    if var <= 0.0:  # every seed and every problem gave the same difference: nothing varies
+        return (1.0 if diff == 0.0 else 0.0), diff, diff, math.inf
+    df = var * var / sum(v * v / d for v, d in parts if d > 0 and v > 0)
+    se = math.sqrt(var)
+    half = t_ppf(0.5 + LEVEL / 2, df) * se
+    p = 2 * t_sf(abs(diff) / se, df)
+    return min(1.0, p), diff - half, diff + half, float(df)
+
+
+def seed_aware_comparison(a: list[list[float]], b: list[list[float]], *, seed: int = 0) -> dict:
+    """Test mean pass@1 of variant `a` minus variant `b`, covering both training seeds and test problems.
+
+    `a` and `b` hold one list per training seed of per-problem scores (pass@1 of each problem), every list over the
+    same problems in the same order. Returns:
+
+    - `diff` (also `delta`): mean over a's seeds minus mean over b's seeds; `ci_low`, `ci_high`: its 95% interval;
+    - `p_value`: two-sided; `method`: `METHOD`, or `FALLBACK` with fewer than `MIN_SEEDS` seeds on either side;
+    - `n_seeds_a`, `n_seeds_b`, `n_problems` (also `n`), `seed_variance_estimable`;
+    - `mean_a`, `mean_b`, `seeds_a`, `seeds_b` (each seed's mean), `df` (None for the fallback);
+    - `note`: one sentence on what the interval covers.
+    """
+    A, B = _scores(a, "a"), _scores(b, "b")
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"a and b must score the same problems: {A.shape[1]} vs {B.shape[1]}")
+    ka, kb, n = A.shape[0], B.shape[0], A.shape[1]
+    seeds_a, seeds_b = A.mean(axis=1), B.mean(axis=1)
+    diff = float(seeds_a.mean() - seeds_b.mean())
+    per_problem = A.mean(axis=0) - B.mean(axis=0)
+    out = {"diff": diff, "delta": diff, "n_seeds_a": ka, "n_seeds_b": kb, "n_problems": n, "n": n,
+           "mean_a": float(seeds_a.mean()), "mean_b": float(seeds_b.mean()),
+           "seeds_a": seeds_a.tolist(), "seeds_b": seeds_b.tolist()}
+    if min(ka, kb) < MIN_SEEDS:
+        test = paired_bootstrap(A.mean(axis=0), B.mean(axis=0), seed=seed)
+        fewest = "one seed" if min(ka, kb) == 1 else f"{min(ka, kb)} seeds"
+        return {**out, "p_value": test["p_value"], "ci_low": test["ci_low"], "ci_high": test["ci_high"],
+                "method": FALLBACK, "seed_variance_estimable": False, "df": None,
+                "note": f"{fewest} on one side: seed variance cannot be estimated (it needs {MIN_SEEDS} seeds per "
+                        f"side), so {NOT_SEEDS}."}
+    parts = [(float(seeds_a.var(ddof=1)) / ka, ka - 1), (float(seeds_b.var(ddof=1)) / kb, kb - 1),
+             (float(per_problem.var(ddof=1)) / n if n > 1 else 0.0, n - 1)]
+    p, low, high, df = _t_test(diff, parts)
+    return {**out, "p_value": p, "ci_low": low, "ci_high": high, "method": METHOD, "seed_variance_estimable": True,
+            "df": df, "note": f"the 95% interval and p cover both training seeds ({ka} vs {kb}) and the {n} problems."}
+
+
+def seed_aware_interval(a: list[list[float]], *, seed: int = 0) -> dict:
+    """One variant's mean pass@1 over seeds with a 95% interval covering seeds and problems (the same variance terms
+    as `seed_aware_comparison`, one side). Returns {mean, ci_low, ci_high, min, max, n_seeds, n_problems, method,
+    seed_variance_estimable}; `min`/`max` are the range of the seed means. Fewer than `MIN_SEEDS` seeds: the bootstrap
+    interval over problems of the seed-averaged scores, with `method` saying so."""
+    A = _scores(a, "a")
+    k, n = A.shape
+    seeds = A.mean(axis=1)
+    out = {"mean": float(seeds.mean()), "min": float(seeds.min()), "max": float(seeds.max()), "n_seeds": k,
+           "n_problems": n, "seeds": seeds.tolist()}
+    if k < MIN_SEEDS:
+        mean, low, high = bootstrap_ci(A.mean(axis=0), seed=seed)
+        return {**out, "ci_low": low, "ci_high": high, "method": FALLBACK, "seed_variance_estimable": False}
+    parts = [(float(seeds.var(ddof=1)) / k, k - 1), (float(A.mean(axis=0).var(ddof=1)) / n if n > 1 else 0.0, n - 1)]
+    _, low, high, _ = _t_test(out["mean"], parts)
+    return {**out, "ci_low": max(0.0, low), "ci_high": min(1.0, high), "method": METHOD,
+            "seed_variance_estimable": True}
+
+
+def per_seed_scores(results: list[dict]) -> tuple[list[str], list[list[float]]]:
+    """(problem ids, scores): the per-problem pass@1 of each `sfn eval` result (one per seed) on the problems every
+    result answered, in the first result's order."""
+    tables = [{str(p["id"]): float(np.mean([s["correct"] for s in p["samples"]])) if p["samples"] else 0.0
+               for p in r["problems"]} for r in results]
+    ids = [i for i in tables[0] if all(i in t for t in tables[1:])]
+    return ids, [[t[i] for i in ids] for t in tables]
