@@ -109,3 +109,74 @@ def test_no_variation_at_all():
 def test_rejects_mismatched_problems():
     with pytest.raises(ValueError, match="same problems"):
         seed_aware_comparison([[1, 0]] * 3, [[1, 0, 1]] * 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables and findings over models trained on several seeds
+
+
+def eval_result(label: str, accuracy: float, n: int = 200) -> dict:
+    """An `sfn eval` result on task t whose first round(accuracy * n) problems are right."""
+    k = round(accuracy * n)
+    return {"model": {"label": label}, "task": {"name": "t"},
+            "summary": {"pass_at_1": k / n, "ci_low": 0.0, "ci_high": 1.0, "n_problems": n, "n_responses": n,
+                        "mean_tokens": 50.0, "tokens_per_s": 10.0, "level_shares": {"IV": k / n, "III": 1 - k / n}},
+            "problems": [{"id": str(i), "samples": [{"correct": i < k, "level": "IV" if i < k else "III"}]}
+                         for i in range(n)]}
+
+
+LAB = {"full": (1.000, 0.770, 0.175), "oproj": (0.465, 0.215, 0.190)}  # the lab's 2-epoch runs, seeds 42-44
+
+
+def lab_entries(n_seeds: int):
+    from sfn_train.evaluation.seeds import pool_seeds
+    from sfn_train.evaluation.tables import ModelEntry
+
+    def tuned(name):
+        runs = [eval_result(f"{name}_s{42 + i}", acc) for i, acc in enumerate(LAB[name][:n_seeds])]
+        result = pool_seeds(runs, [42 + i for i in range(n_seeds)], name) if n_seeds > 1 else runs[0]
+        return ModelEntry(name, "finetune", name, {"t": result}, {"trainable_fraction": 1.0 if name == "full" else 0.1})
+
+    return [ModelEntry("A", "base", "A", {"t": eval_result("A", 0.1)}), tuned("full"), tuned("oproj")]
+
+
+def test_three_seeds_turn_the_single_seed_verdict_into_no_significant_difference():
+    from sfn_train.evaluation.tables import finetune_table, findings
+
+    entries = lab_entries(3)
+    table = "\n".join(finetune_table(entries, entries[1], ["t"]))
+    assert "0.648 [" in table and "(3 seeds: 0.175–1.000)" in table and "seeds 3/3)" in table
+    said = findings(entries, ["t"], "full")
+    oproj = next(s for s in said if s.startswith("Fine-tune oproj"))
+    assert "not significantly different from full (Δ -0.358, p=0." in oproj and "seeds 3/3" in oproj
+    assert any(s.startswith("Seeds: every test involving a model trained on several seeds") for s in said)
+    assert not any(s.startswith("Training seeds:") for s in said)
+    # seed 42 alone: today's per-problem test calls it, and one line says what that test does not cover
+    said = findings(lab_entries(1), ["t"], "full")
+    oproj = next(s for s in said if s.startswith("Fine-tune oproj"))
+    assert "worse than full (Δ -0.535, p<0.001)" in oproj
+    assert any(s.startswith("Training seeds: full, oproj trained on 1 seed(s)") and "not a different training seed"
+               in s for s in said)
+
+
+def test_a_fixed_model_against_three_seeds_is_seed_aware_and_two_seeds_are_not():
+    from sfn_train.evaluation.tables import entry_test
+
+    base, full, _ = lab_entries(3)
+    t = entry_test(full, base, "t")
+    assert t["method"] == METHOD and (t["n_seeds_a"], t["n_seeds_b"]) == (3, 1) and t["seed_variance_estimable"]
+    base2, full2, _ = lab_entries(2)
+    t2 = entry_test(full2, base2, "t")
+    assert t2["method"] == FALLBACK and "2 seeds on a trained side" in t2["note"]
+
+
+def test_pooled_result_reads_like_a_result():
+    from sfn_train.evaluation.seeds import pool_seeds
+
+    runs = [eval_result("x", acc, 20) for acc in (0.5, 0.25, 1.0)]
+    pooled = pool_seeds(runs, [1, 2, 3], "x")
+    s = pooled["summary"]
+    assert s["pass_at_1"] == pytest.approx(1.75 / 3) and (s["seed_min"], s["seed_max"], s["n_seeds"]) == (0.25, 1.0, 3)
+    assert s["ci_method"] == "seeds" and len(pooled["problems"][0]["samples"]) == 3 and s["n_responses"] == 60
+    with pytest.raises(ValueError, match="one task"):
+        pool_seeds([runs[0], {**runs[1], "task": {"name": "u"}}], [1, 2])

@@ -111,40 +111,50 @@ def _t_test(diff: float, parts: list[tuple[float, int]]) -> tuple[float, float, 
     return min(1.0, p), diff - half, diff + half, float(df)
 
 
-def seed_aware_comparison(a: list[list[float]], b: list[list[float]], *, seed: int = 0) -> dict:
+def seed_aware_comparison(a: list[list[float]], b: list[list[float]], *, fixed_a: bool = False,
+                          fixed_b: bool = False, seed: int = 0) -> dict:
     """Test mean pass@1 of variant `a` minus variant `b`, covering both training seeds and test problems.
 
     `a` and `b` hold one list per training seed of per-problem scores (pass@1 of each problem), every list over the
-    same problems in the same order. Returns:
+    same problems in the same order. `fixed_a` / `fixed_b`: that side is one model not trained here (a base, a
+    released checkpoint, a merge of such): it has no seed variance and holds one list. Returns:
 
     - `diff` (also `delta`): mean over a's seeds minus mean over b's seeds; `ci_low`, `ci_high`: its 95% interval;
-    - `p_value`: two-sided; `method`: `METHOD`, or `FALLBACK` with fewer than `MIN_SEEDS` seeds on either side;
+    - `p_value`: two-sided; `method`: `METHOD`, or `FALLBACK` with fewer than `MIN_SEEDS` seeds on a trained side;
     - `n_seeds_a`, `n_seeds_b`, `n_problems` (also `n`), `seed_variance_estimable`;
     - `mean_a`, `mean_b`, `seeds_a`, `seeds_b` (each seed's mean), `df` (None for the fallback);
-    - `note`: one sentence on what the interval covers.
+    - `note`: one sentence on what the interval and p cover.
     """
     A, B = _scores(a, "a"), _scores(b, "b")
     if A.shape[1] != B.shape[1]:
         raise ValueError(f"a and b must score the same problems: {A.shape[1]} vs {B.shape[1]}")
     ka, kb, n = A.shape[0], B.shape[0], A.shape[1]
+    for name, fixed, k in (("a", fixed_a, ka), ("b", fixed_b, kb)):
+        if fixed and k != 1:
+            raise ValueError(f"{name} is a fixed model (not trained) but holds {k} runs; a fixed model holds one")
     seeds_a, seeds_b = A.mean(axis=1), B.mean(axis=1)
     diff = float(seeds_a.mean() - seeds_b.mean())
     per_problem = A.mean(axis=0) - B.mean(axis=0)
     out = {"diff": diff, "delta": diff, "n_seeds_a": ka, "n_seeds_b": kb, "n_problems": n, "n": n,
            "mean_a": float(seeds_a.mean()), "mean_b": float(seeds_b.mean()),
            "seeds_a": seeds_a.tolist(), "seeds_b": seeds_b.tolist()}
-    if min(ka, kb) < MIN_SEEDS:
+    trained = [k for k, fixed in ((ka, fixed_a), (kb, fixed_b)) if not fixed]
+    if not trained or min(trained) < MIN_SEEDS:
         test = paired_bootstrap(A.mean(axis=0), B.mean(axis=0), seed=seed)
-        fewest = "one seed" if min(ka, kb) == 1 else f"{min(ka, kb)} seeds"
+        fewest = "" if not trained else "one seed" if min(trained) == 1 else f"{min(trained)} seeds"
+        note = ("neither model was trained here, so the test covers the sampling of problems" if not trained else
+                f"{fewest} on a trained side: seed variance cannot be estimated (it needs {MIN_SEEDS} seeds per "
+                f"side), so {NOT_SEEDS}")
         return {**out, "p_value": test["p_value"], "ci_low": test["ci_low"], "ci_high": test["ci_high"],
-                "method": FALLBACK, "seed_variance_estimable": False, "df": None,
-                "note": f"{fewest} on one side: seed variance cannot be estimated (it needs {MIN_SEEDS} seeds per "
-                        f"side), so {NOT_SEEDS}."}
-    parts = [(float(seeds_a.var(ddof=1)) / ka, ka - 1), (float(seeds_b.var(ddof=1)) / kb, kb - 1),
+                "method": FALLBACK if trained else "paired bootstrap over problems", "seed_variance_estimable": False,
+                "df": None, "note": note + "."}
+    parts = [(0.0, 0) if fixed_a else (float(seeds_a.var(ddof=1)) / ka, ka - 1),
+             (0.0, 0) if fixed_b else (float(seeds_b.var(ddof=1)) / kb, kb - 1),
              (float(per_problem.var(ddof=1)) / n if n > 1 else 0.0, n - 1)]
     p, low, high, df = _t_test(diff, parts)
+    sides = " vs ".join("a fixed model" if fixed else f"{k} seeds" for k, fixed in ((ka, fixed_a), (kb, fixed_b)))
     return {**out, "p_value": p, "ci_low": low, "ci_high": high, "method": METHOD, "seed_variance_estimable": True,
-            "df": df, "note": f"the 95% interval and p cover both training seeds ({ka} vs {kb}) and the {n} problems."}
+            "df": df, "note": f"the 95% interval and p cover both training seeds ({sides}) and the {n} problems."}
 
 
 def seed_aware_interval(a: list[list[float]], *, seed: int = 0) -> dict:
@@ -173,3 +183,45 @@ def per_seed_scores(results: list[dict]) -> tuple[list[str], list[list[float]]]:
                for p in r["problems"]} for r in results]
     ids = [i for i in tables[0] if all(i in t for t in tables[1:])]
     return ids, [[t[i] for i in ids] for t in tables]
+
+
+def pool_seeds(results: list[dict], seeds: list[int], label: str | None = None) -> dict:
+    """One result standing for a variant trained on several seeds: `results` are its `sfn eval` results on one task,
+    one per training seed (`seeds`, same order). Tables and tests read it like any result:
+
+    - `problems`: the problems every seed answered, each with the samples of every seed;
+    - `summary`: `pass_at_1` the mean over seeds, `ci_low`/`ci_high` from `seed_aware_interval`, `ci_method` "seeds"
+      (or "bootstrap" over seed-averaged problems below `MIN_SEEDS` seeds), `n_seeds`, `seed_min`/`seed_max` (the
+      range of the seed means), level shares, tokens and speed averaged over seeds;
+    - `seed_runs`: {"seeds", "results"}, what `seed_aware_comparison` is run on."""
+    if not results or len(results) != len(seeds):
+        raise ValueError(f"pool_seeds: {len(results)} results for {len(seeds)} seeds")
+    tasks = {r["task"]["name"] for r in results}
+    if len(tasks) != 1:
+        raise ValueError(f"pool_seeds: one task per pool, got {sorted(tasks)}")
+    ids, scores = per_seed_scores(results)
+    if not ids:
+        raise ValueError(f"pool_seeds: the {len(results)} results share no problem ids")
+    interval = seed_aware_interval(scores)
+    by_id = [{str(p["id"]): p for p in r["problems"]} for r in results]
+    problems = [{**by_id[0][i], "samples": [s for table in by_id for s in table[i]["samples"]]} for i in ids]
+    summaries = [r["summary"] for r in results]
+    avg = lambda key: float(np.mean([s[key] for s in summaries]))  # noqa: E731
+    summary = {"pass_at_1": interval["mean"], "ci_low": interval["ci_low"], "ci_high": interval["ci_high"],
+               "ci_level": LEVEL, "ci_method": "seeds" if interval["seed_variance_estimable"] else "bootstrap",
+               "n_seeds": len(results), "seed_min": interval["min"], "seed_max": interval["max"],
+               "seed_means": interval["seeds"], "n_problems": len(ids),
+               "n_responses": sum(s["n_responses"] for s in summaries),
+               "level_shares": {lv: float(np.mean([s["level_shares"].get(lv, 0.0) for s in summaries]))
+                                for lv in ("I", "II", "III", "IV")},
+               "mean_tokens": avg("mean_tokens"), "tokens_per_s": avg("tokens_per_s"),
+               "total_tokens": sum(s.get("total_tokens", 0) for s in summaries),
+               "generation_seconds": sum(s.get("generation_seconds", 0.0) for s in summaries)}
+    model = {**results[0]["model"], "label": label or results[0]["model"]["label"]}
+    return {**results[0], "model": model, "problems": problems, "summary": summary,
+            "seed_runs": {"seeds": list(seeds), "results": list(results)}}
+
+
+def runs_of(result: dict) -> list[dict]:
+    """The per-seed results behind `result`: its `seed_runs` when pooled, else the result itself."""
+    return result["seed_runs"]["results"] if "seed_runs" in result else [result]

@@ -11,6 +11,12 @@ figures, the modules a merge took, the cell a destroyed model fills). Tables 1-3
 
 The findings are sentences chosen by the measured numbers and paired tests, never fixed text: a difference is called
 one only at p < ALPHA.
+
+Seeds: a model trained on several seeds is one entry whose result per task is pooled over its seeds
+(`seeds.pool_seeds`); its pass@1 is the mean over seeds with an interval covering seeds and problems, and every test
+that involves it is `seeds.seed_aware_comparison` (a model not trained here, such as A or B, counts as fixed: no seed
+variance). Where no entry has seeds, the tests are the paired bootstrap over problems, as before, and the findings say
+in one line that they do not cover a different training seed.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .seeds import METHOD, MIN_SEEDS, runs_of, seed_aware_comparison
 from .stats import format_p, paired_bootstrap
 
 ALPHA = 0.05
@@ -38,6 +45,11 @@ class ModelEntry:
     training: dict | None = None  # trainable_params, trainable_fraction, steps_per_s, train_s, peak_memory (text)
     destroy: tuple[str, str | None] | None = None  # (mode, module); module None for `remove`
     extra: dict = field(default_factory=dict)
+    trained: bool | None = None  # carries a training seed's variance; None: fine-tunes do, other groups are fixed
+
+    @property
+    def is_trained(self) -> bool:
+        return self.group == "finetune" if self.trained is None else self.trained
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,14 +68,42 @@ def paired_test(a: dict, b: dict, seed: int = 0) -> dict:
     return {**test, "n_shared": len(shared)}
 
 
+def entry_test(a: ModelEntry, b: ModelEntry, task: str, seed: int = 0) -> dict | None:
+    """a - b on `task`: the seed-aware test when either was trained on several seeds (pooled result), else the
+    paired bootstrap over problems. None when either has no result on the task."""
+    ra, rb = a.results.get(task), b.results.get(task)
+    if ra is None or rb is None:
+        return None
+    if "seed_runs" not in ra and "seed_runs" not in rb:
+        return paired_test(ra, rb, seed)
+    runs_a, runs_b = runs_of(ra), runs_of(rb)
+    tables = [per_problem(r) for r in runs_a + runs_b]
+    shared = [i for i in tables[0] if all(i in t for t in tables[1:])]
+    scores = [[t[i] for i in shared] for t in tables]
+    test = seed_aware_comparison(scores[:len(runs_a)], scores[len(runs_a):], seed=seed,
+                                 fixed_a=not a.is_trained and len(runs_a) == 1,
+                                 fixed_b=not b.is_trained and len(runs_b) == 1)
+    return {**test, "n_shared": len(shared)}
+
+
 def fmt_acc(result: dict) -> str:
     s = result["summary"]
     wilson = " W" if s.get("ci_method") == "wilson" else ""
-    return f"{s['pass_at_1']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]{wilson}"
+    seeds = (f" ({s['n_seeds']} seeds: {s['seed_min']:.3f}–{s['seed_max']:.3f})" if s.get("n_seeds", 1) > 1 else "")
+    return f"{s['pass_at_1']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]{wilson}{seeds}"
 
 
 def fmt_test(test: dict) -> str:
-    return f"{test['delta']:+.3f} ({format_p(test['p_value'])})"
+    return f"{test['delta']:+.3f} ({format_p(test['p_value'])}{_seed_tag(test)})"
+
+
+def _seed_tag(test: dict) -> str:
+    """", seeds 3/3" for a seed-aware test; ", seeds n.e." where seeds were given but too few to estimate."""
+    if "method" not in test:
+        return ""
+    if test["method"] == METHOD:
+        return f", seeds {test['n_seeds_a']}/{test['n_seeds_b']}"
+    return ", seed variance n.e." if max(test["n_seeds_a"], test["n_seeds_b"]) > 1 else ""
 
 
 def pass1(result: dict) -> float:
@@ -94,7 +134,7 @@ def versus(test: dict, other: str) -> str:
     """"better than X" / "worse than X" / "not significantly different from X", with Δ and p."""
     said = {"better": f"better than {other}", "worse": f"worse than {other}"}.get(
         verdict(test), f"not significantly different from {other}")
-    return f"{said} (Δ {test['delta']:+.3f}, {format_p(test['p_value'])})"
+    return f"{said} (Δ {test['delta']:+.3f}, {format_p(test['p_value'])}{_seed_tag(test)})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,7 +220,7 @@ def _cell_acc(e: ModelEntry, task: str) -> str:
 def _cell_test(e: ModelEntry, against: ModelEntry, task: str, seed: int) -> str:
     if e.name == against.name or task not in e.results or task not in against.results:
         return "—"
-    return fmt_test(paired_test(e.results[task], against.results[task], seed))
+    return fmt_test(entry_test(e, against, task, seed))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,111 +229,138 @@ def _cell_test(e: ModelEntry, against: ModelEntry, task: str, seed: int) -> str:
 
 def findings(entries: list[ModelEntry], tasks: list[str], baseline: str, deltas: dict[str, dict] | None = None,
              seed: int = 0) -> list[str]:
-    """What the numbers say, one sentence each, chosen by paired tests at p < ALPHA."""
+    """What the numbers say, one sentence each, chosen by paired tests at p < ALPHA (seed-aware where models were
+    trained on several seeds)."""
     by = {e.name: e for e in entries}
     base = next((e for e in entries if e.group == "base"), None)
     reasoning = next((e for e in entries if e.group == "reasoning"), None)
     tuned = [e for e in entries if e.group == "finetune"]
     merges = [e for e in entries if e.group == "merge"]
-    destroyed = [e for e in entries if e.group == "destroy"]
-    out: list[str] = []
 
     def test(a: ModelEntry, b: ModelEntry, task: str) -> dict | None:
-        if task not in a.results or task not in b.results:
-            return None
-        return paired_test(a.results[task], b.results[task], seed)
+        return entry_test(a, b, task, seed)
 
-    # B against A: did the reasoning fine-tune gain anything measurable here?
-    if base and reasoning:
-        for task in tasks:
-            t = test(reasoning, base, task)
-            if t is None:
-                continue
-            a, b = pass1(base.results[task]), pass1(reasoning.results[task])
-            out.append(f"{task}: B ({reasoning.name}) scores {b:.3f} and A ({base.name}) {a:.3f}: "
-                       + (f"B is {versus(t, 'A')}." if significant(t) else
-                          f"no significant difference ({format_p(t['p_value'])}), so nothing below can show B's "
-                          "reasoning moving into A on this task."))
+    out = _reasoning_findings(base, reasoning, tasks, test)
+    out += _finetune_findings(tuned, by.get(baseline), base, reasoning or None, tasks, test)
+    out += _merge_findings(merges, base, tasks, test, by)
+    out += _destruction_findings([e for e in entries if e.group == "destroy"], tasks)
+    out += _delta_findings(deltas or {})
+    out += _seed_findings(entries)
+    widths = [(r["summary"]["ci_high"] - r["summary"]["ci_low"]) / 2 for e in entries for r in e.results.values()]
+    if widths:
+        n = statistics.median(r["summary"]["n_problems"] for e in entries for r in e.results.values())
+        out.append(f"Resolution: with a median of {n:g} problems per task, the 95% CIs are "
+                   f"±{statistics.median(widths):.3f} "
+                   "wide (median); differences smaller than that are not distinguishable from noise here.")
+    return out
 
-    # Fine-tunes: against the baseline, the share of a reference gain they recover, and their cost
+
+def _reasoning_findings(base, reasoning, tasks, test) -> list[str]:
+    """B against A: did the reasoning fine-tune gain anything measurable here?"""
+    out = []
+    for task in tasks if base and reasoning else ():
+        t = test(reasoning, base, task)
+        if t is None:
+            continue
+        a, b = pass1(base.results[task]), pass1(reasoning.results[task])
+        out.append(f"{task}: B ({reasoning.name}) scores {b:.3f} and A ({base.name}) {a:.3f}: "
+                   + (f"B is {versus(t, 'A')}." if significant(t) else
+                      f"no significant difference ({format_p(t['p_value'])}), so nothing below can show B's "
+                      "reasoning moving into A on this task."))
+    return out
+
+
+def _finetune_findings(tuned, baseline, base, reasoning, tasks, test) -> list[str]:
+    """Fine-tunes: against the baseline, the share of a reference gain they recover, and their cost."""
     full = next((e for e in tuned if (e.training or {}).get("trainable_fraction") == 1.0), None)
     reference = full or reasoning
+    out = []
     for e in tuned:
         parts = []
         for task in tasks:
-            if baseline in by and e.name != baseline:
-                t = test(e, by[baseline], task)
-                if t is not None:
-                    parts.append(f"{task} {pass1(e.results[task]):.3f}, {versus(t, baseline)}")
-            if base and reference and reference is not e:
-                gain = test(reference, base, task)
-                if gain is not None and significant(gain) and gain["delta"] > 0:
-                    share = (pass1(e.results[task]) - pass1(base.results[task])) / gain["delta"]
-                    parts.append(f"recovers {share:.0%} of {reference.name}'s significant gain over A on {task}")
-        cost = ""
-        if full is not None and e is not full and e.training and full.training:
-            ratios = []
-            if e.training.get("steps_per_s") and full.training.get("steps_per_s"):
-                ratios.append(f"{e.training['steps_per_s'] / full.training['steps_per_s']:.2f}x the steps/s")
-            if e.training.get("peak_memory_mb") and full.training.get("peak_memory_mb"):
-                ratios.append(f"{e.training['peak_memory_mb'] / full.training['peak_memory_mb']:.2f}x the peak memory")
-            if ratios:
-                cost = f"; it trained at {' and '.join(ratios)} of {full.name}"
+            t = test(e, baseline, task) if baseline is not None and e.name != baseline.name else None
+            if t is not None:
+                parts.append(f"{task} {pass1(e.results[task]):.3f}, {versus(t, baseline.name)}")
+            gain = test(reference, base, task) if base and reference and reference is not e else None
+            if gain is not None and significant(gain) and gain["delta"] > 0:
+                share = (pass1(e.results[task]) - pass1(base.results[task])) / gain["delta"]
+                parts.append(f"recovers {share:.0%} of {reference.name}'s significant gain over A on {task}")
         share = (e.training or {}).get("trainable_fraction")
         trained = f" (trains {share:.1%} of the parameters)" if share is not None else ""
         if parts:
-            out.append(f"Fine-tune {e.name}{trained}: " + "; ".join(parts) + cost + ".")
+            out.append(f"Fine-tune {e.name}{trained}: " + "; ".join(parts) + _cost(e, full) + ".")
+    return out
 
-    # Merges against A
-    if base and merges:
-        for task in tasks:
-            tests = {m.name: test(m, base, task) for m in merges}
-            tests = {k: v for k, v in tests.items() if v is not None}
-            if not tests:
-                continue
-            better = [k for k, t in tests.items() if significant(t) and t["delta"] > 0]
-            worse = [k for k, t in tests.items() if significant(t) and t["delta"] < 0]
-            best = max(tests, key=lambda k: pass1(by[k].results[task]))
-            tokens = by[best].results[task]["summary"]["mean_tokens"], base.results[task]["summary"]["mean_tokens"]
-            line = f"{task}: merges into A -- "
-            line += (f"significantly better than A: {', '.join(better)}" if better else "none is significantly better "
-                     "than A")
-            line += f"; significantly worse: {', '.join(worse)}" if worse else ""
-            line += (f". The best, {best}, scores {pass1(by[best].results[task]):.3f} vs A's "
-                     f"{pass1(base.results[task]):.3f} ({format_p(tests[best]['p_value'])}) and writes {tokens[0]:.0f} "
-                     f"tokens per response vs A's {tokens[1]:.0f}.")
-            out.append(line)
 
-    # Destruction: which damaged modules still give on-task text
-    if destroyed:
-        task = next((t for t in tasks if all(t in e.results for e in destroyed)), None)
-        if task is not None:
-            for mode in dict.fromkeys(e.destroy[0] for e in destroyed if e.destroy):
-                cells = {e.destroy[1]: majority_level(e.results[task]) for e in destroyed
-                         if e.destroy and e.destroy[0] == mode}
-                if mode == "remove":
-                    out.append(f"{task}: removing the layers leaves level {cells[None]} responses.")
-                    continue
-                mild = [m for m, lv in cells.items() if lv in COHERENT]
-                severe = [m for m, lv in cells.items() if lv not in COHERENT]
-                if not mild:
-                    line = f"{task}, {mode}: damaging any of {', '.join(severe)} degrades responses to level I/II"
-                elif not severe:
-                    line = (f"{task}, {mode}: responses stay on task (level III/IV) whichever of {', '.join(mild)} "
-                            "is damaged")
-                else:
-                    line = (f"{task}, {mode}: responses stay on task (level III/IV) with {', '.join(mild)} damaged and "
-                            f"degrade to level I/II with {', '.join(severe)}")
-                if "o_proj" in cells and len(cells) > 1:
-                    line += (". As in the paper, damaging o_proj is milder than damaging most other modules"
-                             if cells["o_proj"] in COHERENT and len(severe) >= (len(cells) - 1) / 2 else
-                             ". Unlike the paper's Table 3, o_proj is not among the mild ones here"
-                             if cells["o_proj"] not in COHERENT else
-                             ". o_proj is mild here, but so are most other modules, so this does not single it out")
-                out.append(line + ".")
+def _cost(e: ModelEntry, full: ModelEntry | None) -> str:
+    if full is None or e is full or not e.training or not full.training:
+        return ""
+    ratios = []
+    if e.training.get("steps_per_s") and full.training.get("steps_per_s"):
+        ratios.append(f"{e.training['steps_per_s'] / full.training['steps_per_s']:.2f}x the steps/s")
+    if e.training.get("peak_memory_mb") and full.training.get("peak_memory_mb"):
+        ratios.append(f"{e.training['peak_memory_mb'] / full.training['peak_memory_mb']:.2f}x the peak memory")
+    return f"; it trained at {' and '.join(ratios)} of {full.name}" if ratios else ""
 
-    # Delta: where did fine-tuning move the weights?
-    for label, delta in (deltas or {}).items():
+
+def _merge_findings(merges, base, tasks, test, by) -> list[str]:
+    """Merges against A."""
+    out = []
+    for task in tasks if base and merges else ():
+        tests = {m.name: test(m, base, task) for m in merges}
+        tests = {k: v for k, v in tests.items() if v is not None}
+        if not tests:
+            continue
+        better = [k for k, t in tests.items() if significant(t) and t["delta"] > 0]
+        worse = [k for k, t in tests.items() if significant(t) and t["delta"] < 0]
+        best = max(tests, key=lambda k: pass1(by[k].results[task]))
+        tokens = by[best].results[task]["summary"]["mean_tokens"], base.results[task]["summary"]["mean_tokens"]
+        line = f"{task}: merges into A -- "
+        line += (f"significantly better than A: {', '.join(better)}" if better else "none is significantly better "
+                 "than A")
+        line += f"; significantly worse: {', '.join(worse)}" if worse else ""
+        line += (f". The best, {best}, scores {pass1(by[best].results[task]):.3f} vs A's "
+                 f"{pass1(base.results[task]):.3f} ({format_p(tests[best]['p_value'])}{_seed_tag(tests[best])}) "
+                 f"and writes {tokens[0]:.0f} tokens per response vs A's {tokens[1]:.0f}.")
+        out.append(line)
+    return out
+
+
+def _destruction_findings(destroyed, tasks) -> list[str]:
+    """Destruction: which damaged modules still give on-task text."""
+    task = next((t for t in tasks if all(t in e.results for e in destroyed)), None) if destroyed else None
+    if task is None:
+        return []
+    out = []
+    for mode in dict.fromkeys(e.destroy[0] for e in destroyed if e.destroy):
+        cells = {e.destroy[1]: majority_level(e.results[task]) for e in destroyed
+                 if e.destroy and e.destroy[0] == mode}
+        if mode == "remove":
+            out.append(f"{task}: removing the layers leaves level {cells[None]} responses.")
+            continue
+        mild = [m for m, lv in cells.items() if lv in COHERENT]
+        severe = [m for m, lv in cells.items() if lv not in COHERENT]
+        if not mild:
+            line = f"{task}, {mode}: damaging any of {', '.join(severe)} degrades responses to level I/II"
+        elif not severe:
+            line = f"{task}, {mode}: responses stay on task (level III/IV) whichever of {', '.join(mild)} is damaged"
+        else:
+            line = (f"{task}, {mode}: responses stay on task (level III/IV) with {', '.join(mild)} damaged and "
+                    f"degrade to level I/II with {', '.join(severe)}")
+        if "o_proj" in cells and len(cells) > 1:
+            line += (". As in the paper, damaging o_proj is milder than damaging most other modules"
+                     if cells["o_proj"] in COHERENT and len(severe) >= (len(cells) - 1) / 2 else
+                     ". Unlike the paper's Table 3, o_proj is not among the mild ones here"
+                     if cells["o_proj"] not in COHERENT else
+                     ". o_proj is mild here, but so are most other modules, so this does not single it out")
+        out.append(line + ".")
+    return out
+
+
+def _delta_findings(deltas: dict[str, dict]) -> list[str]:
+    """Delta: where did fine-tuning move the weights?"""
+    out = []
+    for label, delta in deltas.items():
         ranking = delta_ranking(delta)
         if not ranking:
             continue
@@ -305,12 +372,22 @@ def findings(entries: list[ModelEntry], tasks: list[str], baseline: str, deltas:
         line += (f"; roles whose element changes form two groups (BC > 5/9): {', '.join(bimodal)}" if bimodal else
                  "; no role's element changes form two groups (every BC <= 5/9)")
         out.append(line + ".")
+    return out
 
-    # What the sample size can resolve
-    widths = [(r["summary"]["ci_high"] - r["summary"]["ci_low"]) / 2 for e in entries for r in e.results.values()]
-    if widths:
-        n = statistics.median(r["summary"]["n_problems"] for e in entries for r in e.results.values())
-        out.append(f"Resolution: with a median of {n:g} problems per task, the 95% CIs are "
-                   f"±{statistics.median(widths):.3f} "
-                   "wide (median); differences smaller than that are not distinguishable from noise here.")
+
+def _seed_findings(entries: list[ModelEntry]) -> list[str]:
+    """What the tests cover: the seed-aware method where it ran, and which trained models had too few seeds."""
+    trained = [e for e in entries if e.is_trained and e.results]
+    seeds = {e.name: max(r["summary"].get("n_seeds", 1) for r in e.results.values()) for e in trained}
+    out = []
+    if any(k >= MIN_SEEDS for k in seeds.values()):
+        out.append(f"Seeds: every test involving a model trained on several seeds is a {METHOD}: its interval and p "
+                   "cover another training seed as well as another sample of problems (docs/seeds.md).")
+    few = [name for name, k in seeds.items() if k < MIN_SEEDS]
+    if few:
+        counts = sorted({seeds[n] for n in few})
+        out.append(f"Training seeds: {', '.join(few)} trained on {' or '.join(map(str, counts))} seed(s), so their "
+                   "tests cover the sampling of problems only, not a different training seed (seed variance needs "
+                   f"{MIN_SEEDS} seeds per variant to estimate); a new seed can move a fine-tune's score by more "
+                   "than these differences.")
     return out
