@@ -57,7 +57,9 @@ class SfnArguments:
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Allow writing into a non-empty output_dir that is not being resumed."},
+        metadata={"help": "Replace a non-empty output_dir as a whole (its old contents are kept in "
+                  "output_dir/.replaced-run until the new run is complete). Without it, a folder an interrupted run "
+                  "left is resumed (or started over when it has no complete checkpoint) and any other is refused."},
     )
     allow_fsdp1: bool = field(
         default=False,

@@ -177,6 +177,17 @@ def save_full_precision(model, selection, output_dir: Path, base, fingerprint: s
     return output_dir
 
 
+def recipe_record(args) -> dict:
+    """The resolved recipe as the manifest records it, by section."""
+    script_args, training_args, model_args, sfn_args = args
+    return {
+        "script": dataclasses.asdict(script_args),
+        "training": training_args.to_dict(),
+        "model": dataclasses.asdict(model_args),
+        "sfn": dataclasses.asdict(sfn_args),
+    }
+
+
 def build_manifest(args, selection, attention, fingerprint, status, metrics=None, precision=None,
                    engine=None) -> dict:
     from .manifest import new_manifest
@@ -185,12 +196,7 @@ def build_manifest(args, selection, attention, fingerprint, status, metrics=None
     return new_manifest(
         "train",
         status=status,
-        recipe={
-            "script": dataclasses.asdict(script_args),
-            "training": training_args.to_dict(),
-            "model": dataclasses.asdict(model_args),
-            "sfn": dataclasses.asdict(sfn_args),
-        },
+        recipe=recipe_record(args),
         base={"model_name_or_path": model_args.model_name_or_path, "fingerprint": fingerprint},
         selection=selection.to_dict(),
         plugin=plugin_record(selection),

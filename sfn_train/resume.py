@@ -166,6 +166,7 @@ def resolve_latest(output_dir: str | Path, world_size: int = 1) -> str:
     if folder is None:
         detail = f" ({len(skipped)} incomplete: {', '.join(skipped)})" if skipped else ""
         raise SfnError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-* folder{detail}: "
-                       "start without resuming.")
+                       "drop resume_from_checkpoint (a folder an interrupted run left is then started over; any other "
+                       "needs overwrite_output_dir: true).")
     logger.info("resume: from %s", folder)
     return str(folder)

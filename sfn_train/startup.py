@@ -281,16 +281,6 @@ def init_distributed(training_args) -> None:
             deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else None)
 
 
-def check_train_output_dir(training_args, sfn_args, resuming: bool) -> None:
-    """Refuse a non-empty output_dir unless the run resumes there or the recipe allows overwriting."""
-    out = Path(training_args.output_dir)
-    if out.exists() and any(out.iterdir()) and not resuming and not sfn_args.overwrite_output_dir:
-        raise SfnError(
-            f"output_dir {out} exists and is not empty: choose another output_dir, resume with "
-            "`resume_from_checkpoint: true`, or set `overwrite_output_dir: true`."
-        )
-
-
 def setup_logging(training_args) -> None:
     import transformers
 

@@ -31,18 +31,13 @@ from .outputs import (
     base_fingerprint,
     build_manifest,
     plugin_skip_reason,
+    recipe_record,
     save_full_precision,
     write_plugin_from_checkpoint,
 )
 from .precision import full_precision_tensors, keep_fp32_masters, precision_record, restore_loaded_dtypes
-from .startup import (
-    check_run_setup,
-    check_train_output_dir,
-    init_distributed,
-    resolve_attention,
-    resume_target,
-    setup_logging,
-)
+from .rerun import check_resume_recipe, plan_output_dir, release_replaced, take_output_dir
+from .startup import check_run_setup, init_distributed, resolve_attention, setup_logging
 
 logger = logging.getLogger("sfn_train")
 
@@ -248,9 +243,11 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
         raise SfnError("model_name_or_path is not set: give a local checkpoint folder or a hub id.")
     check_run_setup(training_args, model_args, sfn_args)
     engine = check_engine(training_args, sfn_args)
-    resume = resume_target(training_args)
-    check_train_output_dir(training_args, sfn_args, resuming=resume is not None)
+    plan = plan_output_dir(training_args, sfn_args)  # new, resume, start over or replace: sfn_train/rerun.py
+    resume = plan.resume
     attention = resolve_attention(model_args, training_args)
+    if resume is not None:
+        check_resume_recipe(resume, recipe_record(args))
     init_distributed(training_args)
     set_seed(training_args.seed)
 
@@ -291,7 +288,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     fingerprint = base_fingerprint(model_args) if state.is_main_process else None
     state.wait_for_everyone()
     if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        take_output_dir(plan)
         write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "running",
                                                               engine={"requested": engine.to_dict()}))
 
@@ -358,6 +355,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
             write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "complete",
                                                                   metrics, precision=precision.record,
                                                                   engine=engine_check.record()))
+            release_replaced(plan)
             logger.info("saved %s and manifest to %s", "checkpoint" if plugin_skip_reason(selection) else
                         "checkpoint, plugin", output_dir)
     except Exception as exc:  # reliability: a full disk during the final save is one line; status stays "running"
