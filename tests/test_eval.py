@@ -529,6 +529,15 @@ def test_eval_refuses_a_plugin_made_for_another_base_unless_forced(qwen2_base, s
     assert check["base_fingerprint"] == fingerprint(qwen2_base)
     assert check["applied_to_fingerprint"] == fingerprint(second_model)
 
+    # the same command again does not replace the result (issue 23: a 10-problem result was replaced by a 2-problem
+    # one); --overwrite does
+    written = out.read_text()
+    assert main([*argv, "--force"]) == 2
+    assert f"{out} already holds a result: choose another --out or pass --overwrite" in one_line_error(capsys)
+    assert out.read_text() == written
+    assert main([*argv, "--force", "--overwrite", "--label", "again"]) == 0
+    assert json.loads(out.read_text())["model"]["label"] == "again"
+
 
 def test_missing_task_file_is_one_line_error(qwen2_base, tmp_path, capsys):
     from sfn_train.cli import main

@@ -58,6 +58,7 @@ def eval_parser() -> argparse.ArgumentParser:
     _opt(p, "--task-file", action="append", help="NAME=PATH: local JSONL for a built-in task (repeatable)")
     _opt(p, "--answer-type", choices=["math", "choice", "exact"], help="override the task's answer type")
     p.add_argument("--out", required=True, help="a .json file (one model, one task) or a folder")
+    p.add_argument("--overwrite", action="store_true", help="replace results that --out already holds")
     p.add_argument("--label", action="append", help="label per model (default: the folder name); repeatable")
     p.add_argument("--plugin", help="plugin .safetensors applied on the (single) base model")
     p.add_argument("--force", action="store_true", help="apply --plugin even to a base whose fingerprint is not the "
@@ -115,7 +116,7 @@ def eval_main(argv: list[str]) -> int:
 
     models = [ModelSpec(m, plugin=a.plugin, force_plugin=a.force) for m in a.models]
     written = evaluate(models, a.task, a.out, labels=a.label, command=shlex.join(["sfn", "eval", *argv]),
-                       **evaluate_kwargs(a))
+                       overwrite=a.overwrite, **evaluate_kwargs(a))
     import json
 
     for path in written:

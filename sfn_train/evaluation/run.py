@@ -77,12 +77,13 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
              task_files: dict[str, str] | None = None, answer_type: str | None = None, limit: int | None = None,
              grading_timeout: float = DEFAULT_TIMEOUT_S, grading_workers: int | None = None,
              allow_tokenizer_mismatch: bool = False, progress: bool = True, command: str | None = None,
-             **settings) -> list[Path]:
+             overwrite: bool = True, **settings) -> list[Path]:
     """Generate, grade, classify and summarise every model on every task; return the JSON files written.
 
     `models`: paths / hub ids, `ModelSpec`s or dicts {path, plugin?, label?, force_plugin?}. `settings`:
     `GenerationSettings` fields (temperature, top_p, max_new_tokens, samples, seed, chat_template, budget_forcing,
-    backend, ...). `command`: the command line recorded in each result (default: this process's).
+    backend, ...). `command`: the command line recorded in each result (default: this process's). `overwrite`:
+    whether a result file that already exists may be replaced (`sfn eval` refuses unless --overwrite).
     """
     unknown = set(settings) - set(GenerationSettings.__dataclass_fields__)
     if unknown:
@@ -104,6 +105,10 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
                        "give each a distinct --label.")
     loaded = [load_task(t, task_files=task_files, answer_type=answer_type, limit=limit) for t in tasks]
     paths = output_paths(out, specs, loaded)
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise SfnError(f"{existing[0]} already holds a result{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}: "
+                       "choose another --out or pass --overwrite to replace it.")
     tok_info = _check_tokenizers(specs, allow_tokenizer_mismatch)
     for spec in specs:
         tokenizer, eos, _ = tok_info[spec.label]

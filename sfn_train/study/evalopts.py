@@ -9,7 +9,7 @@ import argparse
 from ..errors import SfnError
 
 # `sfn eval` options that the study sets itself, per model
-EVAL_OWN_OPTIONS = ("models", "task", "out", "label", "plugin", "force")
+EVAL_OWN_OPTIONS = ("models", "task", "out", "label", "plugin", "force", "overwrite")
 
 
 def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

@@ -277,7 +277,7 @@ class StudyPipeline:
         def inputs():
             return {"model": self.fingerprint(name), "tasks": self._task_digests(ns),
                     "options": {k: v for k, v in sorted(vars(ns).items())
-                                if k not in ("models", "task", "task_file", "out", "label", "no_progress")}}
+                                if k not in ("models", "task", "task_file", "out", "label", "no_progress", "overwrite")}}
 
         def build():
             from ..evaluation import evaluate
