@@ -180,3 +180,47 @@ def test_pooled_result_reads_like_a_result():
     assert s["ci_method"] == "seeds" and len(pooled["problems"][0]["samples"]) == 3 and s["n_responses"] == 60
     with pytest.raises(ValueError, match="one task"):
         pool_seeds([runs[0], {**runs[1], "task": {"name": "u"}}], [1, 2])
+
+
+def model_folder(root, name: str, seed: int, lr: float):
+    """A model folder with an `sfn train` manifest: recipe (seed and output_dir among its training keys) and base."""
+    import json
+
+    folder = root / name
+    folder.mkdir()
+    manifest = {"kind": "train", "base": {"model_name_or_path": "/b", "fingerprint": "abc"},
+                "recipe": {"training": {"seed": seed, "output_dir": str(folder), "learning_rate": lr},
+                           "sfn": {"train_modules": "o_proj"}}}
+    (folder / "sfn_manifest.json").write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def test_compare_makes_one_row_per_variant_from_the_manifests(tmp_path):
+    import json
+
+    from sfn_train.evaluation import compare
+    from sfn_train.evaluation.run import FORMAT
+
+    def write(label, accuracy, path=None):
+        r = {**eval_result(label, accuracy), "format": FORMAT, "settings": {}}
+        r["model"] = {"label": label, "tokenizer_signature": {}, "path": path}
+        f = tmp_path / f"{label}.json"
+        f.write_text(json.dumps(r))
+        return f
+
+    files = [write("A", 0.1)]
+    for name, lr in (("full", 1e-3), ("oproj", 1e-2)):
+        files += [write(f"{name}_s{42 + i}", acc, model_folder(tmp_path, f"{name}_s{42 + i}", 42 + i, lr))
+                  for i, acc in enumerate(LAB[name])]
+    files.append(write("lone", 0.6, model_folder(tmp_path, "lone", 42, 3e-2)))
+    result = compare(files, "full_s43", tmp_path / "c.md")  # a run's label names its variant
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["A", "full", "oproj", "lone"] and rows["full"]["verdict"] == "baseline"
+    assert (rows["full"]["n_seeds"], rows["oproj"]["n_seeds"], rows["lone"]["n_seeds"]) == (3, 3, 1)
+    assert rows["oproj"]["method"] == METHOD and rows["oproj"]["verdict"] == "no significant difference"
+    assert rows["A"]["method"] == METHOD  # a fixed model against 3 seeds
+    assert rows["lone"]["method"] == FALLBACK  # one seed against three: seed variance of lone unknown
+    text = result["report"].read_text()
+    assert "| full | t | 64.8 ± " in text and "| 3 | 17.5–100.0 |" in text and "| lone | t |" in text
+    assert "Trained once (lone): their tests cover the sampling of problems only" in text
+    assert "lone / t: one seed on a trained side: seed variance cannot be estimated" in text

@@ -8,6 +8,12 @@ The plots are written next to the report (`plots.py`): `<stem>_accuracy.png` (pa
 horizontal bar per model, grouped and sorted, baseline marked) and `<stem>_levels.png` (shares of levels I-IV in the
 same order). When models come from `sfn sweep` (or carry an `sfn train` manifest), a section states each model's
 learning rate and how it was chosen, next to its test result (`provenance.py`).
+
+Seeds: results of models whose `sfn train` manifests differ only in the training seed (same recipe and base, read
+from each model folder's manifest: `seeds.group_by_seed`) are one variant, one row: the number of seeds, mean pass@1,
+the range over seeds, and an interval covering seeds and problems. Tests involving a variant are
+`seeds.seed_aware_comparison`; a model not trained here (no training manifest) counts as fixed. With fewer than 3 seeds
+a trained model's test covers problems only, and the report says so.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 from ..errors import SfnError
 from .tokens import signature_differences
 from .run import load_result
+from .seeds import METHOD, MIN_SEEDS, group_by_seed, pool_seeds, results_test, training_manifest, variant_label
 from .stats import N_RESAMPLES, format_p, paired_bootstrap, pass_at_1
 
 ALPHA = 0.05
@@ -35,16 +42,16 @@ def compare(files: list, baseline: str | None = None, out: str | os.PathLike = "
     `groups` (label -> group name, e.g. fine-tunes / merges / destruction) groups the plots' rows."""
     if not files:
         raise SfnError("no eval result files to compare; pass the JSON files `sfn eval` wrote.")
-    results = [load_result(f) for f in files]
+    results, trained, aliases = _variants([load_result(f) for f in files])
     labels = list(dict.fromkeys(r["model"]["label"] for r in results))
-    baseline = baseline or labels[0]
+    baseline = aliases.get(baseline, baseline) or labels[0]
     if baseline not in labels:
         raise SfnError(f"baseline {baseline!r} matches no model label; the labels are: {', '.join(labels)}.")
     by_key = {}
-    for f, r in zip(files, results):
+    for r in results:
         key = (r["model"]["label"], r["task"]["name"])
         if key in by_key:
-            raise SfnError(f"two files hold model {key[0]!r} on task {key[1]!r} (one is {f}); pass each result once.")
+            raise SfnError(f"two files hold model {key[0]!r} on task {key[1]!r}; pass each result once.")
         by_key[key] = r
     tasks = list(dict.fromkeys(r["task"]["name"] for r in results))
 
@@ -59,23 +66,13 @@ def compare(files: list, baseline: str | None = None, out: str | os.PathLike = "
                 continue
             s = r["summary"]
             row = {"model": label, "task": task, "pass_at_1": s["pass_at_1"], "ci_low": s["ci_low"],
-                   "ci_high": s["ci_high"], "ci_method": s.get("ci_method", "bootstrap"), "levels": s["level_shares"], "mean_tokens": s["mean_tokens"],
-                   "tokens_per_s": s["tokens_per_s"], "n_problems": s["n_problems"], "delta": None,
-                   "p_value": None, "verdict": "baseline" if label == baseline else "—"}
+                   "ci_high": s["ci_high"], "ci_method": s.get("ci_method", "bootstrap"), "levels": s["level_shares"],
+                   "mean_tokens": s["mean_tokens"], "tokens_per_s": s["tokens_per_s"], "n_problems": s["n_problems"],
+                   "n_seeds": s.get("n_seeds", 1), "seed_min": s.get("seed_min"), "seed_max": s.get("seed_max"),
+                   "trained": trained[label], "delta": None, "p_value": None, "method": None,
+                   "verdict": "baseline" if label == baseline else "—"}
             if base is not None and label != baseline:
-                mine, theirs = _per_problem(r), _per_problem(base)
-                shared = [i for i in mine if i in theirs]
-                if not shared:
-                    notes.append(f"{label} / {task}: no problem ids shared with the baseline; not tested.")
-                else:
-                    test = paired_bootstrap([mine[i] for i in shared], [theirs[i] for i in shared], seed=seed)
-                    row.update(delta=test["delta"], p_value=test["p_value"], n_shared=len(shared))
-                    if test["p_value"] < ALPHA:
-                        row["verdict"] = "better" if test["delta"] > 0 else "worse"
-                    else:
-                        row["verdict"] = "no significant difference"
-                    if len(shared) != len(mine) or len(shared) != len(theirs):
-                        notes.append(f"{label} / {task}: tested on the {len(shared)} problems shared with the baseline.")
+                notes += _test_row(row, r, base, trained[label], trained[baseline], seed)
                 diff = signature_differences(base["model"]["tokenizer_signature"], r["model"]["tokenizer_signature"])
                 if diff:
                     notes.append(f"{label} / {task}: tokenizer differs from the baseline in {', '.join(diff)}.")
@@ -88,17 +85,78 @@ def compare(files: list, baseline: str | None = None, out: str | os.PathLike = "
     from .plots import accuracy_plot, levels_plot
     from .provenance import provenance_lines
 
+    groups = {aliases.get(k, k): v for k, v in groups.items()} if groups else groups
     plots = [accuracy_plot(rows, tasks, baseline, out.with_name(f"{out.stem}_accuracy.png"), groups),
              levels_plot(rows, tasks, baseline, out.with_name(f"{out.stem}_levels.png"), groups)]
-    trained = provenance_lines(rows, {label: r for (label, _), r in by_key.items()})
-    out.write_text(_markdown(rows, baseline, notes, plots, files, trained), encoding="utf-8")
+    rates = provenance_lines(rows, {label: r for (label, _), r in by_key.items()})
+    out.write_text(_markdown(rows, baseline, notes, plots, files, rates), encoding="utf-8")
     return {"report": out, "plots": plots, "rows": rows}
+
+
+def _variants(results: list[dict]) -> tuple[list[dict], dict[str, bool], dict[str, str]]:
+    """(results with each seed group pooled into one, label -> trained here, member label -> variant label)."""
+    out, trained, aliases = [], {}, {}
+    for group in group_by_seed(results):
+        members = [results[i] for i in group]
+        manifests = [training_manifest(r) for r in members]
+        if len(group) == 1:
+            out.append(members[0])
+        else:
+            seeds = [m["recipe"]["training"]["seed"] for m in manifests]
+            label = variant_label([r["model"]["label"] for r in members], seeds)
+            aliases.update({r["model"]["label"]: label for r in members})
+            out.append(pool_seeds(members, seeds, label))
+        trained[out[-1]["model"]["label"]] = manifests[0] is not None
+    return out, trained, aliases
+
+
+def _test_row(row: dict, r: dict, base: dict, trained: bool, base_trained: bool, seed: int) -> list[str]:
+    """Fill the row's Δ, p, method and verdict against the baseline; return notes on what was tested."""
+    label, task = row["model"], row["task"]
+    mine, theirs = _per_problem(r), _per_problem(base)
+    shared = [i for i in mine if i in theirs]
+    if not shared:
+        return [f"{label} / {task}: no problem ids shared with the baseline; not tested."]
+    if "seed_runs" in r or "seed_runs" in base:  # pooled runs: every seed's problems, shared by all of them
+        test = results_test(r, base, trained_a=trained, trained_b=base_trained, seed=seed)
+    else:
+        test = paired_bootstrap([mine[i] for i in shared], [theirs[i] for i in shared], seed=seed)
+    n = test.get("n_shared", len(shared))
+    row.update(delta=test["delta"], p_value=test["p_value"], n_shared=n, method=test.get("method"))
+    row["verdict"] = ("no significant difference" if test["p_value"] >= ALPHA else
+                      "better" if test["delta"] > 0 else "worse")
+    notes = [f"{label} / {task}: {test['note']}"] if test.get("method") and test["method"] != METHOD else []
+    if n != len(mine) or n != len(theirs):
+        notes.append(f"{label} / {task}: tested on the {n} problems shared with the baseline.")
+    return notes
 
 
 def _sampling(result: dict) -> tuple:
     s = result["settings"]
     return tuple(s.get(k) for k in ("temperature", "top_p", "max_new_tokens", "samples", "budget_forcing",
                                     "chat_template", "end_of_thinking", "thinking_budget", "max_model_len"))
+
+
+def _seeds(row) -> str:
+    if row["method"] == METHOD:
+        return f", {row['n_seeds']} seeds, seed-aware"
+    return ", one training run: not tested against another seed" if row["trained"] and row["n_seeds"] == 1 else ""
+
+
+def _seed_lines(rows) -> list[str]:
+    """What the tests cover, as far as training seeds go: the seed-aware method, and the models trained too few times."""
+    lines = []
+    if any(r["n_seeds"] > 1 for r in rows):
+        lines.append(f"Rows with several seeds are one variant trained on each (same recipe and base, read from the "
+                     f"models' manifests): pass@1 is the mean over seeds, its interval covers seeds and problems, "
+                     f"and Δ/p involving it come from a {METHOD} (docs/seeds.md); it needs {MIN_SEEDS} seeds per "
+                     "trained side to estimate seed variance, and says where there were fewer.")
+    once = [r["model"] for r in rows if r["trained"] and r["n_seeds"] == 1]
+    if once:
+        lines.append(f"Trained once ({', '.join(dict.fromkeys(once))}): their tests cover the sampling of problems "
+                     "only; they do not cover a different training seed, which can move a fine-tune's score by more "
+                     "than these differences.")
+    return lines
 
 
 def _markdown(rows, baseline, notes, plots, files, trained=()) -> str:
@@ -110,15 +168,18 @@ def _markdown(rows, baseline, notes, plots, files, trained=()) -> str:
              f"{N_RESAMPLES} resamples: p<0.001 is the test's resolution, not a value); "
              f"a verdict other than 'no significant difference' needs p < {ALPHA}. "
              "Levels: I degenerate, II off task, III on task but wrong, IV correct.", "",
-             "| model | task | pass@1 (95% CI) | Δ vs baseline (p) | verdict | I | II | III | IV | mean tokens | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             *[line + "\n" for line in _seed_lines(rows)],
+             "| model | task | pass@1 (95% CI) | seeds | range over seeds | Δ vs baseline (p) | verdict | I | II | III | "
+             "IV | mean tokens | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         half = (r["ci_high"] - r["ci_low"]) / 2
         acc = f"{100 * r['pass_at_1']:.1f} ± {100 * half:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
         acc += " W" if r["ci_method"] == "wilson" else ""
         delta = "—" if r["delta"] is None else f"{100 * r['delta']:+.1f} ({format_p(r['p_value'])})"
+        spread = "—" if r["n_seeds"] == 1 else f"{100 * r['seed_min']:.1f}–{100 * r['seed_max']:.1f}"
         lv = r["levels"]
-        lines.append(f"| {r['model']} | {r['task']} | {acc} | {delta} | {r['verdict']} | "
+        lines.append(f"| {r['model']} | {r['task']} | {acc} | {r['n_seeds']} | {spread} | {delta} | {r['verdict']} | "
                      + " | ".join(f"{100 * lv.get(k, 0):.0f}%" for k in ("I", "II", "III", "IV"))
                      + f" | {r['mean_tokens']:.0f} | {r['tokens_per_s']:.1f} |")
     lines += ["", *trained] if trained else []
@@ -126,10 +187,10 @@ def _markdown(rows, baseline, notes, plots, files, trained=()) -> str:
     for r in rows:
         if r["delta"] is not None:
             lines.append(f"- **{r['model']}** on {r['task']}: {r['verdict']} than {baseline} "
-                         f"(Δ {100 * r['delta']:+.1f} points, {format_p(r['p_value'])}, n={r.get('n_shared')})."
+                         f"(Δ {100 * r['delta']:+.1f} points, {format_p(r['p_value'])}, n={r.get('n_shared')}{_seeds(r)})."
                          if r["verdict"] in ("better", "worse") else
                          f"- **{r['model']}** on {r['task']}: no significant difference from {baseline} "
-                         f"(Δ {100 * r['delta']:+.1f} points, {format_p(r['p_value'])}, n={r.get('n_shared')}).")
+                         f"(Δ {100 * r['delta']:+.1f} points, {format_p(r['p_value'])}, n={r.get('n_shared')}{_seeds(r)}).")
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]

@@ -225,3 +225,71 @@ def pool_seeds(results: list[dict], seeds: list[int], label: str | None = None) 
 def runs_of(result: dict) -> list[dict]:
     """The per-seed results behind `result`: its `seed_runs` when pooled, else the result itself."""
     return result["seed_runs"]["results"] if "seed_runs" in result else [result]
+
+
+def results_test(a: dict, b: dict, *, trained_a: bool, trained_b: bool, seed: int = 0) -> dict:
+    """`seed_aware_comparison` of two `sfn eval` results (each pooled over seeds by `pool_seeds`, or one run) on the
+    problems every run answered. A one-run side that was not trained (`trained_*` False) is a fixed model. Adds
+    `n_shared`, the number of problems tested."""
+    runs_a, runs_b = runs_of(a), runs_of(b)
+    ids, scores = per_seed_scores(runs_a + runs_b)
+    test = seed_aware_comparison(scores[:len(runs_a)], scores[len(runs_a):], seed=seed,
+                                 fixed_a=not trained_a and len(runs_a) == 1, fixed_b=not trained_b and len(runs_b) == 1)
+    return {**test, "n_shared": len(ids)}
+
+
+# Keys of a training recipe that name a run rather than define it: two runs that differ only in these (and the seed)
+# are the same variant trained on different seeds.
+RUN_KEYS = ("seed", "data_seed", "output_dir", "logging_dir", "run_name", "resume_from_checkpoint", "hub_model_id")
+
+
+def training_manifest(result: dict) -> dict | None:
+    """The `sfn train` manifest of the model an eval result names (its folder's sfn_manifest.json), else None."""
+    import json
+    from pathlib import Path
+
+    path = result.get("model", {}).get("path")
+    try:
+        manifest = json.loads((Path(path) / "sfn_manifest.json").read_text(encoding="utf-8")) if path else None
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("kind") == "train" else None
+
+
+def variant_key(manifest: dict) -> str:
+    """What defines a trained variant: the resolved recipe without the run's name, place and seed, and the base
+    checkpoint (its fingerprint, or its path where it had none)."""
+    import json
+
+    recipe = {part: dict(keys) for part, keys in manifest.get("recipe", {}).items()}
+    for key in RUN_KEYS:
+        recipe.get("training", {}).pop(key, None)
+    base = manifest.get("base", {})
+    return json.dumps({"recipe": recipe, "base": base.get("fingerprint") or base.get("model_name_or_path")},
+                      sort_keys=True, default=str)
+
+
+def variant_label(labels: list[str], seeds: list[int]) -> str:
+    """The name of a variant from its runs' labels: each label without its seed ("full-s42", "full_seed43" -> "full")
+    where that leaves one name, else the first label followed by "+seeds"."""
+    import re
+
+    names = {re.sub(rf"[-_. ]*(?:seed|s)?[-_=]?{seed}(?!\d)", "", label).strip("-_. ") for label, seed in zip(labels, seeds)}
+    return names.pop() if len(names) == 1 and "" not in names else f"{labels[0]}+seeds"
+
+
+def group_by_seed(results: list[dict]) -> list[list[int]]:
+    """Indices of `results` grouped into variants: results on the same task whose models' training manifests agree
+    on everything but the seed and the run's name and place (`variant_key`), with distinct seeds. Every other result
+    is a group of its own. Groups keep the order of their first result."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(results):
+        manifest = training_manifest(r)
+        key = (r["task"]["name"], variant_key(manifest)) if manifest else ("single", i)
+        groups.setdefault(key, []).append(i)
+    out = []
+    for members in groups.values():
+        seeds = [training_manifest(results[i])["recipe"]["training"].get("seed") for i in members] \
+            if len(members) > 1 else [None]
+        out += [members] if len(set(seeds)) == len(members) else [[i] for i in members]
+    return sorted(out, key=lambda g: g[0])

@@ -25,7 +25,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .seeds import METHOD, MIN_SEEDS, runs_of, seed_aware_comparison
+from .seeds import METHOD, MIN_SEEDS, results_test
 from .stats import format_p, paired_bootstrap
 
 ALPHA = 0.05
@@ -76,14 +76,7 @@ def entry_test(a: ModelEntry, b: ModelEntry, task: str, seed: int = 0) -> dict |
         return None
     if "seed_runs" not in ra and "seed_runs" not in rb:
         return paired_test(ra, rb, seed)
-    runs_a, runs_b = runs_of(ra), runs_of(rb)
-    tables = [per_problem(r) for r in runs_a + runs_b]
-    shared = [i for i in tables[0] if all(i in t for t in tables[1:])]
-    scores = [[t[i] for i in shared] for t in tables]
-    test = seed_aware_comparison(scores[:len(runs_a)], scores[len(runs_a):], seed=seed,
-                                 fixed_a=not a.is_trained and len(runs_a) == 1,
-                                 fixed_b=not b.is_trained and len(runs_b) == 1)
-    return {**test, "n_shared": len(shared)}
+    return results_test(ra, rb, trained_a=a.is_trained, trained_b=b.is_trained, seed=seed)
 
 
 def fmt_acc(result: dict) -> str:
