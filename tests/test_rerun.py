@@ -101,3 +101,21 @@ def test_resume_refuses_another_recipe(tmp_path, capsys, qwen2_base, sum_data):
     # the step budget may change: the run goes on to 6 steps from checkpoint-2
     assert main(["train", "--config", str(train_recipe(tmp_path, qwen2_base, sum_data, **{**SAVE, "max_steps": 6}))]) == 0
     assert manifest(out)["engine"]["steps"] == {"resumed_at": 2, "run_in_this_process": 4}
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({"report_to": "tensorboard"}, "report_to tensorboard needs the tensorboard package, which is not installed here"),
+    ({"push_to_hub": True}, "push_to_hub is set but HF_HUB_OFFLINE=1 keeps this process off the hub"),
+])
+def test_outside_needs_are_checked_before_anything_is_written(tmp_path, capsys, monkeypatch, qwen2_base, sum_data,
+                                                              keys, expected):
+    """A missing logging integration or an unreachable hub: one line at start-up, no folder left to block the
+    corrected command (before: a traceback from the Trainer, and a `running` manifest)."""
+    import transformers.integrations.integration_utils as integrations
+
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: [])  # as if none is installed
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = train_recipe(tmp_path, qwen2_base, sum_data, **keys)
+    assert main(["train", "--config", str(recipe)]) == 2
+    assert expected in one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
