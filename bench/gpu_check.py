@@ -1,6 +1,6 @@
 """The prepared GPU check: every GPU path of sfn-train, PASS/FAIL with numbers, in one short run.
 
-Launched by bench/gpu_check.sh (which installs the carried wheels first); README "Development" says how. Two parts,
+Launched by bench/gpu_check.sh (which installs the carried wheels first); docs/development.md says how. Two parts,
 so that each device call carries at most 64 MiB of wheels:
 
   --part train   env, bf16_oproj (one process), zero2 (torchrun, 1 process), zero3_f2 (torchrun, F2 selection),

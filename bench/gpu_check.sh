@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check: every GPU path of sfn-train, PASS/FAIL with numbers (README "Development").
+# The prepared GPU check: every GPU path of sfn-train, PASS/FAIL with numbers (docs/development.md).
 #
 #   bash bench/gpu_check.sh --part train            # on a GPU node: installs .whl/common + .whl/train, then runs
 #   bash bench/gpu_check.sh --part quant            # second invocation: .whl/common + .whl/quant (bitsandbytes)

@@ -5,7 +5,7 @@
 #   bash bench/prepare_wheels.sh quant      # one part
 #
 # Every wheel is fetched for the node's platform (CPython 3.12, x86_64 manylinux) with exactly the pip command in
-# README "Development", from the list in bench/gpu_wheels.txt; DeepSpeed, which PyPI has only as source, is built
+# docs/development.md, from the list in bench/gpu_wheels.txt; DeepSpeed, which PyPI has only as source, is built
 # here as a pure-Python wheel (DS_BUILD_OPS=0: its CUDA ops, if ever needed, compile just in time on the node).
 # Afterwards every wheel's Requires-Dist is checked against the carried wheels and the node's package list, and each
 # invocation's size (common + its part) against the 64 MiB a device call may carry.

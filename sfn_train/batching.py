@@ -5,7 +5,7 @@ batches (fewer on a small data set: a quarter of it at most) and sorts each mega
 run of steps then goes from the longest rows to the shortest, every epoch, which is a length curriculum nobody asked
 for. `LengthBucketSampler` sorts mega-batches of 50 batches into length-homogeneous batches and then shuffles the
 batches, so no run of steps is ordered by length. Whether a fine-tune learns as well from them as from random
-batches is measured on the lab (bench/batch_composition.py, README "Measured").
+batches is measured on the lab (bench/batch_composition.py, docs/benchmarks.md).
 
 The sampler yields row indices (the DataLoader cuts them into batches of `batch_size`); every chunk of `batch_size`
 consecutive indices is one bucket. Its order comes from a generator seeded with `seed + epoch` (as accelerate's

@@ -6,7 +6,7 @@ whenever it is installed, and peft imports `bitsandbytes` (which loads torch's i
 `scipy` (object-detection matching) for every model. A training run of sfn-train needs none of them: it trains the
 real weights of the selected modules (`use_peft` is refused), causal-LM losses need no scipy, and
 `quantize_frozen` imports bitsandbytes itself when it is asked for (peft is not on that path). Measured on the
-reference machine (bench/import_cost.py, README "Measured"): they add ~90 MB to the peak RSS of every run and
+reference machine (bench/import_cost.py, docs/benchmarks.md): they add ~90 MB to the peak RSS of every run and
 seconds to its start.
 
 How. Before transformers is imported, each name is set to None in `sys.modules`: the documented way to make an

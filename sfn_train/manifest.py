@@ -11,7 +11,7 @@ Every output carries the same provenance fields (`PROVENANCE_FIELDS`), then the 
 - `git`: `{revision, dirty}` of the sfn-train source when it runs from a git checkout, else nulls
 
 A training run and each gadget write it as `sfn_manifest.json` in their output folder (`write_manifest`); an
-evaluation result file holds the same fields at its top level. The README lists the fields of each kind.
+evaluation result file holds the same fields at its top level. docs/outputs.md lists the fields of each kind.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ def resolve_attention(model_args, training_args) -> dict:
 
 
 # Which batching is fastest where padding-free batches are correct (measured with bench/batching.py --data
-# length-mix, README "Measured"): with a FlashAttention kernel a padding-free batch does exactly its rows' own work,
+# length-mix, docs/benchmarks.md): with a FlashAttention kernel a padding-free batch does exactly its rows' own work,
 # so it is the default there. With sdpa and eager the block-diagonal mask spans the whole concatenated batch
 # (attention costs (sum of lengths)^2 instead of the sum of length^2, plus the mask), and padded batches of rows of
 # similar length (sfn_train/batching.py) measured faster than padding-free batches on the length mix; so a recipe

@@ -277,7 +277,7 @@ FSDP2_RUN = dict(**FSDP2, dtype="bfloat16", bf16=True, per_device_train_batch_si
 
 def two_nodes(script: Path, recipe: Path, env: dict) -> list[str]:
     """Two `torchrun --nnodes 2 --node_rank 0/1` launches of one process each, with a c10d rendezvous on 127.0.0.1:
-    what two Slurm nodes run (README), on one machine."""
+    what two Slurm nodes run (docs/distributed.md), on one machine."""
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
                                "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint",

@@ -1,4 +1,4 @@
-"""One manifest schema: the provenance every output carries, its checker, and the README's description of it.
+"""One manifest schema: the provenance every output carries, its checker, and its description in docs/outputs.md.
 
 The train, merge, destroy, plugin apply, delta and eval outputs are checked against `manifest_problems` in the tests
 that make them (test_train, test_gadgets, test_eval); here the checker itself must catch what it is for.
@@ -61,9 +61,9 @@ def test_write_manifest_is_atomic_and_readable(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_readme_documents_every_provenance_field_and_kind():
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## What every output records", 1)[1].split("\n## ", 1)[0]
+def test_docs_document_every_provenance_field_and_kind():
+    page = (REPO / "docs" / "outputs.md").read_text()
+    section = page.split("## What every output records", 1)[1].split("\n## ", 1)[0]
     for field in PROVENANCE_FIELDS:
         assert f"| `{field}` |" in section, field
     for kind in KINDS:

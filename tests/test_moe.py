@@ -22,7 +22,7 @@ from sfn_train.names import NameMap, disk_tensors
 from sfn_train.roles import select_parameters
 
 TRAINED_ARCHS = ["qwen3_moe", "gpt_oss", "deepseek_v3", "mixtral"]
-ALL_ARCHS = [*TRAINED_ARCHS, "llama4_text"]  # Llama 4 does not train under TRL 1.16 (README): no training tests
+ALL_ARCHS = [*TRAINED_ARCHS, "llama4_text"]  # Llama 4 does not train under TRL 1.16 (docs/training.md): no training tests
 
 
 @pytest.fixture(scope="session")
