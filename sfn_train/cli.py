@@ -15,6 +15,7 @@ from .errors import SfnError, disk_full_error, is_disk_full
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("sfn_train.train", "cli_main", "fine-tune the named modules (TRL SFT; recipe YAML + flags)"),
     "sweep": ("sfn_train.sweep", "cli_main", "train one recipe over a grid (e.g. learning rates), ranked on validation data"),
+    "memory": ("sfn_train.memory", "cli_main", "predict the peak memory per GPU of a recipe's training step, before launching"),
     "select": ("sfn_train.roles", "select_cli_main", "print which tensors a selection trains, without training"),
     "delta": ("sfn_train.gadgets.cli", "delta_main", "per-module weight change between two checkpoints"),
     "merge": ("sfn_train.gadgets.cli", "merge_main", "BASE with the selected modules taken from DONOR"),
