@@ -25,6 +25,7 @@ from .engine import (
     warn_fsdp_low_precision,
 )
 from .errors import SfnError, disk_full_error, is_disk_full
+from .honoured import apply_recipe_aliases
 from .lean_imports import KEEP_ENV
 from .outputs import (
     Selection,
@@ -241,6 +242,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     ################
     if not model_args.model_name_or_path:
         raise SfnError("model_name_or_path is not set: give a local checkpoint folder or a hub id.")
+    apply_recipe_aliases(*args)  # TRL keys sfn does not use: mapped (load_in_4bit) or refused, sfn_train/honoured.py
     check_run_setup(training_args, model_args, sfn_args)
     engine = check_engine(training_args, sfn_args)
     plan = plan_output_dir(training_args, sfn_args)  # new, resume, start over or replace: sfn_train/rerun.py

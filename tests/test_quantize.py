@@ -303,3 +303,33 @@ def test_the_probe_runs_both_modes_here():
 
     for mode in ("4bit", "8bit"):
         probe(mode, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("key, mode", [("load_in_4bit", "4bit"), ("load_in_8bit", "8bit")])
+def test_load_in_nbit_means_quantize_frozen(tmp_path, capsys, caplog, qwen2_base, sum_data, monkeypatch,
+                                            no_model_load, key, mode):
+    """TRL's load_in_4bit/8bit (listed by `sfn train --help`) is quantize_frozen, said in a log line: here the probe
+    refuses the backend, so the run stops at start-up with quantize_frozen's own error (before: it trained an
+    unquantized model without a word)."""
+    import logging
+
+    def no_backend(mode, device):
+        raise NotImplementedError("no backend in this test")
+
+    monkeypatch.setattr("sfn_train.quantize.probe", no_backend)
+    caplog.set_level(logging.INFO, logger="sfn_train")
+    line = run_bad(tmp_path, capsys, qwen2_base, sum_data, **{key: True})
+    assert f"quantize_frozen: {mode} cannot run on cpu" in line
+    assert f"{key}: true means quantize_frozen: {mode} here" in caplog.text
+
+
+@pytest.mark.parametrize("keys, named", [
+    ({"lora_r": 8}, "lora_r is set (8), but sfn train does not use it: a LoRA setting"),
+    ({"model_init_kwargs": {"device_map": "auto"}}, "model_init_kwargs is set ({'device_map': 'auto'}), but sfn train"),
+    ({"bnb_4bit_quant_type": "fp4"}, "bnb_4bit_quant_type is set ('fp4'), but sfn train does not use it"),
+    ({"dataset_streaming": True}, "dataset_streaming is set (True)"),
+    ({"do_predict": True}, "do_predict is set (True)"),
+    ({"load_in_4bit": True, "quantize_frozen": "8bit"}, "load_in_4bit asks for 4bit but quantize_frozen is 8bit"),
+])
+def test_trl_keys_sfn_does_not_use_are_refused(tmp_path, capsys, qwen2_base, sum_data, no_model_load, keys, named):
+    assert named in run_bad(tmp_path, capsys, qwen2_base, sum_data, **keys)
