@@ -57,6 +57,17 @@ def scripted(tok, think: str, answer: str = "", close: bool = True):
     return script
 
 
+def suppress_early_stops(out: list[int], stops: set, least: int) -> list[int]:
+    """What `min_tokens` does to a scripted continuation: a stop among the first `least` tokens cannot be sampled,
+    so the model goes on with the script's next token."""
+    kept: list[int] = []
+    for t in out:
+        if t in stops and len(kept) < least:
+            continue
+        kept.append(t)
+    return kept
+
+
 class ScriptedHFModel:
     """Stands in for a causal LM's `generate`: follows `script`, stops at the config's stop ids, pads like HF."""
 
@@ -64,18 +75,21 @@ class ScriptedHFModel:
         self.script, self.pad, self.context = script, pad, context
         self.weight = torch.zeros(1)
         self.requests: list[int] = []
+        self.calls: list[tuple] = []  # (input ids, max new tokens, min new tokens, stop ids) per row and request
 
     def parameters(self):
         yield self.weight
 
     def generate(self, input_ids, attention_mask, generation_config):
         n, stops = generation_config.max_new_tokens, set(generation_config.eos_token_id)
+        least = generation_config.min_new_tokens or 0
         rows = []
         for seq, mask in zip(input_ids.tolist(), attention_mask.tolist()):
             seq = [t for t, m in zip(seq, mask) if m]
             assert self.context is None or len(seq) + n <= self.context, "asked past the context length"
             self.requests.append(len(seq) + n)
-            out = self.script(seq)[:n]
+            self.calls.append((seq, n, least, sorted(stops)))
+            out = suppress_early_stops(self.script(seq), stops, least)[:n]
             cut = next((i + 1 for i, t in enumerate(out) if t in stops), len(out))
             rows.append(out[:cut] + [self.pad] * (n - cut))
         return torch.cat([input_ids, torch.tensor(rows, dtype=torch.long)], dim=1)
@@ -87,6 +101,7 @@ class FakeVllm:
     def __init__(self, script=None, max_model_len: int = 512, eos: int | None = None, fail_build: bool = False):
         self.events: list[str] = []
         self.engines: list[dict] = []
+        self.calls: list[tuple] = []  # (prompt ids, max_tokens, min_tokens, stop_token_ids) per request
         fake = self
 
         class LLM:
@@ -113,7 +128,8 @@ class FakeVllm:
                     seq = prompt["prompt_token_ids"]
                     if len(seq) + p.max_tokens > limit:  # what vLLM raises, for the whole batch
                         raise ValueError(f"prompt ({len(seq)}) + max_tokens ({p.max_tokens}) > max_model_len {limit}")
-                    out = script(seq)[: p.max_tokens]
+                    fake.calls.append((list(seq), p.max_tokens, p.min_tokens, sorted(p.stop_token_ids)))
+                    out = suppress_early_stops(script(seq), set(p.stop_token_ids) | {eos}, p.min_tokens)[: p.max_tokens]
                     stop = next((i for i, t in enumerate(out) if t in p.stop_token_ids), None)
                     if stop is None:
                         done = dict(token_ids=out, finish_reason="length", stop_reason=None)
@@ -215,6 +231,101 @@ def test_wait_that_does_not_fit_the_context_is_not_forced(tok, qwen2_base, monke
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# s1's protocol, both backends: the exact token-level sequence and the sequence of requests
+
+
+def s1_settings(**changes):
+    from sfn_train.evaluation.settings import resolve_settings
+
+    return resolve_settings({"protocol": "s1", **changes})[0]
+
+
+def has(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def s1_script(tok, think: list[int], after_wait: list[int], answer: str = "\nAnswer: 42"):
+    """An s1-trained model: thinks `think` (then `after_wait` after a "Wait"), answers after <|im_start|>answer."""
+    def script(seq: list[int]) -> list[int]:
+        if has(seq, ids(tok, "<|im_start|>answer")):
+            return ids(tok, answer) + [tok.eos_token_id]
+        return after_wait if seq[-len(ids(tok, "Wait")):] == ids(tok, "Wait") else think
+
+    return script
+
+
+def test_s1_protocol_token_sequence_and_calls(tok, qwen2_base, monkeypatch):
+    """prompt + "<|im_start|>think" -> think -> stop on <|im_start|> (dropped) -> "Wait" -> ... twice -> the next stop
+    becomes "<|im_start|>answer" -> the answer until EOS; min_tokens=1 keeps a stop right after "Wait" from ending the
+    thinking at once. Both backends make the same requests and produce the same tokens."""
+    end, eos = tok.convert_tokens_to_ids(END), tok.eos_token_id
+    # after each "Wait" the model would close its thinking at once: min_tokens=1 makes it think "cd" first
+    script = s1_script(tok, ids(tok, "ab") + [end], [end] + ids(tok, "cd") + [end])
+    prompt = ids(tok, "1+1=<|im_start|>think")
+    settings = s1_settings(max_new_tokens=200)
+    hf, vl, model, fake = run_both(tok, script, settings, ["1+1=<|im_start|>think"], qwen2_base, monkeypatch)
+    think = ids(tok, "abWaitcdWaitcd")
+    answer_marker = ids(tok, "<|im_start|>answer")
+    expected = think + answer_marker + ids(tok, "\nAnswer: 42")
+    assert state(hf) == state(vl) == [(expected, 2, "stop")]
+    assert hf[0].answer_from == vl[0].answer_from == len(think) + len(answer_marker) and not hf[0].budget_spent
+    budget = 200 - 4 - 6 - len(ids(tok, "<|im_start|>answer\nFinal Answer:")) - 100  # s1's "auto": 69 tokens
+    wait = ids(tok, "Wait")
+    after = [prompt, prompt + ids(tok, "ab") + wait, prompt + ids(tok, "abWaitcd") + wait, prompt + think + answer_marker]
+    assert fake.calls == [  # (request, max_tokens, min_tokens, stop_token_ids): 3 thinking rounds, then the answer
+        (after[0], budget, 1, sorted([end, eos])),
+        (after[1], budget - 2 - len(wait), 1, sorted([end, eos])),
+        (after[2], budget - 4 - 2 * len(wait), 1, sorted([end, eos])),
+        (after[3], 200 - len(think) - len(answer_marker), 0, [eos]),
+    ]
+    assert model.calls == fake.calls
+    assert tok.decode(hf[0].gen_ids) == "abWaitcdWaitcd<|im_start|>answer\nAnswer: 42"
+
+
+@pytest.mark.parametrize("think,closing", [("t", "\n<|im_start|>answer\nFinal Answer:"),
+                                           ("t\n", "<|im_start|>answer\nFinal Answer:")])
+def test_s1_thinking_budget_forces_final_answer(tok, qwen2_base, monkeypatch, think, closing):
+    """A model that never stops thinking is cut at the budget (forced "Wait"s count) and gets s1's closing: "\n"
+    (unless the thinking ends in one) + "<|im_start|>answer\nFinal Answer:", then answers."""
+    script = s1_script(tok, ids(tok, think) * 100, ids(tok, think) * 100, answer=" 7")
+    settings = s1_settings(max_new_tokens=100, thinking_budget=6)
+    hf, vl, _, fake = run_both(tok, script, settings, ["q<|im_start|>think"], qwen2_base, monkeypatch)
+    thinking = (ids(tok, think) * 100)[:6]
+    expected = thinking + ids(tok, closing) + ids(tok, " 7")
+    assert state(hf) == state(vl) == [(expected, 0, "stop")]
+    assert hf[0].budget_spent and vl[0].budget_spent
+    assert [c[1:3] for c in fake.calls] == [(6, 1), (100 - len(thinking) - len(ids(tok, closing)), 0)]
+
+
+def test_s1_auto_thinking_budget_is_s1s_rule(tok):
+    """max_new_tokens - longest prompt (before "<|im_start|>think") - len("<|im_start|>think")
+    - len("<|im_start|>answer\nFinal Answer:") - 100, over all the task's prompts; too little is one clear error."""
+    from sfn_train.evaluation.forcing import auto_thinking_budget
+
+    rows = make_rows([ids(tok, "x" * n + "<|im_start|>think") for n in (3, 17, 9)], 2)
+    closing = len(ids(tok, "<|im_start|>answer\nFinal Answer:"))
+    assert auto_thinking_budget(s1_settings(max_new_tokens=32768), tok, rows) == 32768 - 17 - 6 - closing - 100
+    assert auto_thinking_budget(s1_settings(max_new_tokens=32768, thinking_budget=500), tok, rows) == 500
+    with pytest.raises(SfnError, match="leaves no thinking"):
+        auto_thinking_budget(s1_settings(max_new_tokens=120), tok, rows)
+
+
+def test_protocols_are_presets_and_record_what_was_changed():
+    from sfn_train.evaluation.settings import resolve_settings
+
+    s1, changed = resolve_settings({"protocol": "s1", "budget_forcing": None})
+    assert (s1.temperature, s1.budget_forcing, s1.thinking_min_tokens, s1.prompts) == (0.0, 2, 1, "bare")
+    assert (s1.end_of_thinking, s1.answer_start, s1.budget_spent_text) == (END, "<|im_start|>answer", "\nFinal Answer:")
+    assert changed == []
+    sampled, _ = resolve_settings({})
+    assert (sampled.protocol, sampled.temperature, sampled.top_p, sampled.prompts) == ("sampled", 0.6, 0.95, "instruct")
+    _, changed = resolve_settings({"protocol": "s1", "budget_forcing": 4, "temperature": 0.0})
+    assert changed == ["budget_forcing"]
+    with pytest.raises(SfnError, match="protocol 'r1' is unknown"):
+        resolve_settings({"protocol": "r1"})
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # vLLM engine per model
 
 
@@ -277,6 +388,34 @@ def test_vllm_merges_once_per_model_builds_one_engine_and_cleans_up(bf16_base, t
     result = json.loads(files[0].read_text())
     assert result["settings"]["engine"] == {"engine": "vllm", "context_length": 256, "dtype": "bfloat16"}
     assert result["problems"][0]["samples"][0]["correct"] is True
+
+
+def test_sfn_eval_protocol_s1_records_bare_prompt_and_grades_the_answer(qwen2_base, tmp_path, monkeypatch, tok):
+    """`sfn eval --protocol s1`: bare prompt (GPQA's choices as s1 lists them) + "<|im_start|>think", the protocol and
+    its changed keys in the result, and only the answer after "<|im_start|>answer" graded (the thinking's
+    \\boxed{A} is not the answer)."""
+    from sfn_train.cli import main
+    from sfn_train.evaluation.tasks import write_problems
+
+    task = write_problems(tmp_path / "gpqa_like.jsonl", [{"id": "g1", "problem": "2+3?", "answer": "B",
+                                                          "choices": ["3", "5", "7", "9"]}])
+    end = tok.convert_tokens_to_ids(END)
+    _in_process_grading(monkeypatch)
+    FakeVllm(s1_script(tok, ids(tok, "\\boxed{A} no") + [end], ids(tok, "ok") + [end], answer="\nAnswer: B"),
+             eos=tok.eos_token_id).install(monkeypatch)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(qwen2_base), "--task", str(task), "--answer-type", "choice", "--out", str(out),
+                 "--backend", "vllm", "--protocol", "s1", "--max-new-tokens", "300", "--max-model-len", "512",
+                 "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    s, problem = result["settings"], result["problems"][0]
+    assert (s["protocol"], s["temperature"], s["budget_forcing"], s["protocol_changes"]) == ("s1", 0.0, 2,
+                                                                                             ["max_new_tokens"])
+    assert problem["prompt"].endswith("2+3?\n\nA) 3\nB) 5\nC) 7\nD) 9<|im_end|>\n<|im_start|>assistant\n"
+                                      "<|im_start|>think")
+    sample = problem["samples"][0]
+    assert sample["response"] == "\\boxed{A} noWaitokWaitok<|im_start|>answer\nAnswer: B"
+    assert (sample["extracted"], sample["correct"], sample["waits"]) == ("B", True, 2)
 
 
 def test_vllm_engine_that_fails_to_start_leaves_no_merged_folder(bf16_base, two_tasks, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import shlex
 
 from ..errors import SfnError
 from .grading import DEFAULT_TIMEOUT_S
+from .settings import PROTOCOLS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,6 +35,15 @@ def _on_off(value: str):
     if v in ("off", "false", "no", "0"):
         return False
     raise SfnError(f"--chat-template {value!r}: use on, off or auto.")
+
+
+def _budget(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise SfnError(f"--thinking-budget {value!r}: use a number of tokens or auto.") from None
 
 
 def _task_files(values: list[str] | None, tasks: list[str]) -> dict[str, str]:
@@ -63,19 +73,30 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", help="plugin .safetensors applied on the (single) base model")
     p.add_argument("--force", action="store_true", help="apply --plugin even to a base whose fingerprint is not the "
                    "plugin's (recorded in the result)")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="sampled",
+                   help="named settings for every option below left unset: s1 = simplescaling/s1's evaluation (greedy, "
+                   "bare prompts, <|im_start|>think/answer, 'Wait' twice, s1's thinking budget), the paper's; sampled "
+                   "= temperature 0.6, top_p 0.95, instruction prompts (default)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
-    _opt(p, "--top-p", type=float, default=0.95)
-    _opt(p, "--max-new-tokens", type=int, default=32768, help="token budget per response (default 32768)")
-    p.add_argument("--samples", type=int, default=1, help="samples per problem (pass@1 is averaged over them)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (protocol: s1 0, sampled 0.6)")
+    _opt(p, "--top-p", type=float)
+    _opt(p, "--max-new-tokens", type=int, help="token budget per response (both protocols 32768)")
+    p.add_argument("--samples", type=int, help="samples per problem (pass@1 is averaged over them; protocols 1)")
+    p.add_argument("--prompts", choices=["instruct", "bare"], help="instruct: the task's instruction template; "
+                   "bare: the problem alone (s1)")
     p.add_argument("--seed", type=int, default=0)
     _opt(p, "--chat-template", type=_on_off, default=None, help="on, off or auto (default: on if the tokenizer has one)")
-    _opt(p, "--budget-forcing", type=int, default=0,
+    _opt(p, "--budget-forcing", type=int,
          help="s1: the first N times the model stops thinking, suppress the stop and append --wait-text")
-    _opt(p, "--wait-text", default="Wait")
+    _opt(p, "--wait-text")
     _opt(p, "--end-of-thinking", help="the one token that closes the model's thinking (e.g. '</think>'); "
          "default: EOS ends thinking and response")
-    _opt(p, "--thinking-budget", type=int, help="max thinking tokens; then --end-of-thinking is forced (s1)")
+    _opt(p, "--thinking-budget", type=_budget, help="max thinking tokens, or auto (s1's rule); then the thinking "
+         "is closed for the model")
+    _opt(p, "--thinking-start", help="appended to the prompt to open the thinking (s1: '<|im_start|>think')")
+    _opt(p, "--answer-start", help="replaces the end of thinking and opens the answer (s1: '<|im_start|>answer')")
+    _opt(p, "--budget-spent-text", help="after --answer-start when the budget ran out (s1: '\\nFinal Answer:')")
+    _opt(p, "--thinking-min-tokens", type=int, help="least tokens per thinking request (s1: 1)")
     _opt(p, "--max-model-len", type=int, help="context length per request (prompt + response); default the model's")
     _opt(p, "--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="auto", help="auto, bf16, fp16, fp32")
@@ -101,6 +122,8 @@ def evaluate_kwargs(a: argparse.Namespace) -> dict:
         wait_text=a.wait_text, batch_size=a.batch_size, dtype=a.dtype, device=a.device,
         tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
         max_model_len=a.max_model_len, end_of_thinking=a.end_of_thinking, thinking_budget=a.thinking_budget,
+        protocol=a.protocol, prompts=a.prompts, thinking_start=a.thinking_start, answer_start=a.answer_start,
+        budget_spent_text=a.budget_spent_text, thinking_min_tokens=a.thinking_min_tokens,
     )
 
 

@@ -1,14 +1,24 @@
 """Rows and budget forcing, shared by both backends: what each row may generate next and what its output does.
 
-Budget forcing (s1, Muennighoff et al. 2025): a response is thinking until the model emits its end-of-thinking token
-(`end_of_thinking`, e.g. `</think>`; for a model without one, EOS ends the thinking and the response). With
-`budget_forcing=N`, the first N times a row stops while thinking, the stop token is suppressed (not kept) and
-`wait_text` ("Wait") is appended instead, and the row continues thinking. After that a stop is kept: the end-of-thinking
-token opens the answer, which runs until EOS; an EOS ends the row. `thinking_budget` caps the thinking tokens
-(forced "Wait"s included): a row that reaches it gets the end-of-thinking token appended, so it answers (s1's way of
-enforcing a maximum). `max_new_tokens` caps everything a row generates; a row that reaches it stops there
-(finish_reason "length"). `waits` records how many "Wait"s were used.
+A response is thinking until the model stops: on its end-of-thinking token (`end_of_thinking`: `<|im_start|>` for
+s1, `</think>` for R1-style models) or on EOS. With `budget_forcing=N`, the first N times a row stops while thinking,
+the stop token is dropped, `wait_text` ("Wait") is appended and the row thinks on. The next stop ends the thinking:
 
+- s1 (`answer_start` set, as simplescaling/s1's lm-evaluation-harness does): the stop token is dropped and
+  `answer_start` ("<|im_start|>answer") appended; the answer runs until EOS.
+- otherwise an end-of-thinking token is kept and opens the answer (which runs until EOS); an EOS ends the row.
+
+`thinking_budget` caps the thinking tokens, forced "Wait"s included ("auto" is s1's rule: max_new_tokens minus the
+longest prompt, minus the thinking-start and budget-spent markers, minus 100 tokens left for the answer). A row that
+reaches it is closed for it: s1 appends "\n" (unless the thinking already ends in a newline) +
+`answer_start` + `budget_spent_text` ("\nFinal Answer:"); without `answer_start` the end-of-thinking token is
+appended. One deliberate difference from s1's code: s1 asks every forcing round for the whole budget and cuts the
+joined thinking afterwards; here each round asks only for what is left of it, so no token is generated to be thrown
+away. The kept tokens are the same under greedy decoding; a thinking cut by the budget always gets "Final Answer:",
+as the s1 paper describes, where s1's code omits it when the last round happened to stop on its own.
+
+`thinking_min_tokens` (s1: 1) makes every thinking request generate at least that many tokens, so a forced "Wait" is
+never followed by an immediate stop. `max_new_tokens` caps everything a row generates (finish_reason "length").
 Context: a row is asked for at most what fits, and a row with no room left stops cleanly with finish_reason "context"
 instead of being submitted (vLLM would raise for the whole batch).
 """
@@ -34,6 +44,8 @@ class Row:
     finish_reason: str | None = None
     thinking: bool = True  # before the end-of-thinking token (always, for a model without one)
     rounds: int = 0  # requests made for this row
+    answer_from: int | None = None  # index in gen_ids where the answer starts (after the forced markers)
+    budget_spent: bool = False  # the thinking was closed by the thinking budget
 
 
 
@@ -55,28 +67,41 @@ def end_of_thinking_id(tokenizer, text: str | None, eos_ids: list[int]) -> int |
     return ids[0]
 
 
+@dataclass
+class Markers:
+    """The token ids forcing inserts, from one tokenizer (see `make_forcing`)."""
+
+    wait: list[int]
+    end_think: int | None = None
+    answer: list[int] | None = None  # s1: "<|im_start|>answer"
+    spent: list[int] | None = None  # s1: "<|im_start|>answer\nFinal Answer:"; else [end_think]
+    newline: list[int] = field(default_factory=list)
+    ends_with_newline: object = None  # gen_ids -> bool (s1 adds "\n" before `spent` unless the thinking ends in one)
+
+
 class Forcing:
     """What each row may generate next, and what a round's output does to it (budgets, context, budget forcing).
 
     Both backends use it the same way: `request(row)` gives the tokens to ask for (0: the row is finished, with its
-    finish_reason set), `stop_ids(row)` the tokens that end the request, and `advance(row, new_ids, asked, stop)`
-    takes the output and says whether the row needs another request.
+    finish_reason set), `stop_ids(row)` the tokens that end the request, `min_tokens(row)` the least it must generate,
+    and `advance(row, new_ids, asked, stop)` takes the output and says whether the row needs another request.
     """
 
-    def __init__(self, settings: GenerationSettings, eos_ids: list[int], wait_ids: list[int],
-                 end_think: int | None = None, context_len: int | None = None):
+    def __init__(self, settings: GenerationSettings, eos_ids: list[int], markers: Markers,
+                 context_len: int | None = None, thinking_budget: int | None = None):
         self.eos = set(eos_ids)
-        self.end_think = end_think
-        self.wait_ids = list(wait_ids)
+        self.m = markers
+        self.end_think = markers.end_think
         self.waits = settings.budget_forcing
         self.max_new = settings.max_new_tokens
-        self.thinking_budget = settings.thinking_budget or settings.max_new_tokens
+        self.budget = thinking_budget
+        self.min_think = settings.thinking_min_tokens
         self.context_len = context_len
 
     def _limit(self, row: Row) -> int:
         """Tokens the row may have generated at the end of its current phase."""
-        if row.thinking and self.end_think is not None:
-            return min(self.max_new, self.thinking_budget)
+        if row.thinking and self.budget is not None:
+            return min(self.max_new, self.budget)
         return self.max_new
 
     def room(self, row: Row) -> int:
@@ -90,6 +115,9 @@ class Forcing:
 
     def stop_ids(self, row: Row) -> list[int]:
         return sorted(self.eos | ({self.end_think} if row.thinking and self.end_think is not None else set()))
+
+    def min_tokens(self, row: Row) -> int:
+        return self.min_think if row.thinking else 0
 
     def request(self, row: Row) -> int:
         if row.finish_reason is not None:
@@ -109,34 +137,49 @@ class Forcing:
         `stop` is the token that ended the request when the backend does not include it in `new_ids` (vLLM).
         """
         row.rounds += 1
-        new_ids = list(new_ids[:asked])
+        new_ids, stops = list(new_ids[:asked]), set(self.stop_ids(row))
         for i, tok in enumerate(new_ids):
-            if tok in self.eos or tok == self.end_think:
-                if tok == self.end_think and not row.thinking:  # already answering: an ordinary token
-                    row.gen_ids += new_ids[: i + 1]
-                    return True
+            if tok in stops:
                 new_ids, stop = new_ids[:i], tok
                 break
         row.gen_ids += new_ids
         if stop is not None:
-            if row.thinking and row.waits < self.waits and self._fits(row, self.wait_ids, self._limit(row)):
-                row.gen_ids += self.wait_ids  # suppress the stop and make the model think on
+            if not row.thinking:
+                row.finish_reason = "stop"
+                return False
+            if row.waits < self.waits and self._fits(row, self.m.wait, self._limit(row)):
+                row.gen_ids += self.m.wait  # drop the stop and make the model think on
                 row.waits += 1
                 return True
-            if stop == self.end_think and row.thinking:  # the model closed its thinking: now the answer
-                row.gen_ids.append(stop)
-                row.thinking = False
-                return True
-            row.finish_reason = "stop"
-            return False
-        if row.thinking and self.end_think is not None and len(row.gen_ids) >= self.thinking_budget:
-            if self._fits(row, [self.end_think], self.max_new):  # thinking budget spent: close it so the model answers
-                row.gen_ids.append(self.end_think)
-                row.thinking = False
-                return True
+            return self._end_thinking(row, stop)
+        if row.thinking and self.budget is not None and len(row.gen_ids) >= self.budget:
+            return self._spend_budget(row)
+        return True  # `request` decides: the budget or context is used up, or the backend stopped short of `asked`
+
+    def _open_answer(self, row: Row, ids: list[int]) -> bool:
+        if not self._fits(row, ids, self.max_new):
             row.finish_reason = "length"
             return False
-        return True  # `request` decides: the budget or context is used up, or the backend stopped short of `asked`
+        row.gen_ids += ids
+        row.thinking, row.answer_from = False, len(row.gen_ids)
+        return True
+
+    def _end_thinking(self, row: Row, stop: int) -> bool:
+        """The model stopped thinking and no "Wait" is left: open the answer, or end the row on EOS (R1 style)."""
+        if self.m.answer is not None:  # s1: the stop is dropped and "<|im_start|>answer" opens the answer
+            return self._open_answer(row, self.m.answer)
+        if stop == self.end_think:  # the model's own end of thinking opens the answer
+            return self._open_answer(row, [stop])
+        row.finish_reason = "stop"
+        return False
+
+    def _spend_budget(self, row: Row) -> bool:
+        """The thinking budget is spent: close the thinking for the model so that it answers."""
+        ids = list(self.m.spent)
+        if self.m.answer is not None and not self.m.ends_with_newline(row.gen_ids):
+            ids = self.m.newline + ids
+        row.budget_spent = True
+        return self._open_answer(row, ids)
 
 
 def _rounds(rows: list[Row], forcing: Forcing, submit, bar=None) -> None:
@@ -171,7 +214,31 @@ def timed_rounds(rows: list[Row], forcing: Forcing, submit, progress: bool) -> f
     return time.perf_counter() - start
 
 
-def make_forcing(tokenizer, settings: GenerationSettings, eos_ids: list[int], context_len: int | None) -> Forcing:
-    wait_ids = tokenizer(settings.wait_text, add_special_tokens=False)["input_ids"] if settings.budget_forcing else []
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def auto_thinking_budget(settings: GenerationSettings, tokenizer, rows: list[Row]) -> int | None:
+    """The thinking budget in tokens: the number given, s1's "auto" rule, or None (no budget)."""
+    if settings.thinking_budget != "auto":
+        return settings.thinking_budget
+    start = len(_ids(tokenizer, settings.thinking_start)) if settings.thinking_start else 0
+    end = len(_ids(tokenizer, (settings.answer_start or settings.end_of_thinking) + (settings.budget_spent_text or "")))
+    longest = max((len(r.prompt_ids) - start for r in rows), default=0)  # s1 measures prompts before "think"
+    budget = settings.max_new_tokens - longest - start - end - 100  # s1: "Leave 100 tokens for answer"
+    if budget < 1:
+        raise SfnError(f"thinking budget 'auto' leaves no thinking: max_new_tokens {settings.max_new_tokens} minus the "
+                       f"longest prompt ({longest} tokens) and 100 tokens for the answer; raise --max-new-tokens.")
+    return budget
+
+
+def make_forcing(tokenizer, settings: GenerationSettings, eos_ids: list[int], context_len: int | None,
+                 rows: list[Row]) -> Forcing:
     end_think = end_of_thinking_id(tokenizer, settings.end_of_thinking, eos_ids)
-    return Forcing(settings, eos_ids, wait_ids, end_think, context_len)
+    answer = _ids(tokenizer, settings.answer_start) if settings.answer_start is not None else None
+    spent = [end_think] if answer is None else _ids(tokenizer, settings.answer_start + (settings.budget_spent_text or ""))
+    markers = Markers(
+        wait=_ids(tokenizer, settings.wait_text) if settings.budget_forcing else [], end_think=end_think,
+        answer=answer, spent=spent, newline=_ids(tokenizer, "\n"),
+        ends_with_newline=lambda gen: bool(gen) and tokenizer.decode(gen[-1:]).endswith("\n"))
+    return Forcing(settings, eos_ids, markers, context_len, auto_thinking_budget(settings, tokenizer, rows))

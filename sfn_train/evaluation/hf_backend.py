@@ -84,40 +84,56 @@ def hf_context_length(model, settings: GenerationSettings) -> int | None:
 def generate_hf(model, tokenizer, rows: list[Row], settings: GenerationSettings, eos_ids: list[int],
                 progress: bool = True, context_len: int | None = None) -> float:
     """Fill every row's gen_ids; returns the generation wall time in seconds."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    forcing = make_forcing(tokenizer, settings, eos_ids, context_len, rows)
+
+    def submit(live: list[tuple[Row, int]]) -> list[tuple[list[int], None]]:
+        # Batches of one `min_tokens` (a request's minimum is the batch's) and similar lengths (less padding).
+        order = sorted(range(len(live)), key=lambda i: (forcing.min_tokens(live[i][0]),
+                                                        len(live[i][0].prompt_ids) + len(live[i][0].gen_ids)))
+        out: list = [None] * len(live)
+        start = 0
+        while start < len(order):
+            least = forcing.min_tokens(live[order[start]][0])
+            stop = start + 1
+            while stop < len(order) and stop - start < settings.batch_size and \
+                    forcing.min_tokens(live[order[stop]][0]) == least:
+                stop += 1
+            batch = order[start:stop]
+            for i, new_ids in zip(batch, _generate_batch(model, [live[i] for i in batch], forcing, settings,
+                                                         pad_id, least)):
+                out[i] = (new_ids, None)
+            start = stop
+        return out
+
+    return timed_rounds(rows, forcing, submit, progress)
+
+
+def _generate_batch(model, batch: list[tuple[Row, int]], forcing, settings: GenerationSettings, pad_id: int,
+                    min_tokens: int) -> list[list[int]]:
+    """One left-padded `model.generate` call for rows of one phase; each row's new token ids."""
     import torch
     from transformers import GenerationConfig
 
     greedy = settings.temperature == 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    forcing = make_forcing(tokenizer, settings, eos_ids, context_len)
+    inputs = [r.prompt_ids + r.gen_ids for r, _ in batch]
+    width = max(map(len, inputs))
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, seq in enumerate(inputs):
+        ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq) :] = 1
+    # One length for the batch: what the hungriest row asked for, but never past any row's context (a row that
+    # wanted more goes on in the next round).
+    new = min(max(asked for _, asked in batch), min(forcing.room(r) for r, _ in batch))
+    stops = sorted({t for r, _ in batch for t in forcing.stop_ids(r)})
+    config = GenerationConfig(
+        do_sample=not greedy, temperature=None if greedy else settings.temperature,
+        top_p=None if greedy else settings.top_p, top_k=None if greedy else 0, min_p=None,
+        repetition_penalty=1.0, num_beams=1, max_new_tokens=new, eos_token_id=stops, pad_token_id=pad_id,
+        min_new_tokens=min(min_tokens, new) or None,
+    )
     device = next(model.parameters()).device
-
-    def submit(live: list[tuple[Row, int]]) -> list[tuple[list[int], None]]:
-        order = sorted(range(len(live)), key=lambda i: len(live[i][0].prompt_ids) + len(live[i][0].gen_ids))
-        out: list = [None] * len(live)
-        for b in range(0, len(order), settings.batch_size):  # similar lengths together: less padding
-            batch = [live[i] for i in order[b : b + settings.batch_size]]
-            inputs = [r.prompt_ids + r.gen_ids for r, _ in batch]
-            width = max(map(len, inputs))
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, seq in enumerate(inputs):
-                ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                mask[i, width - len(seq) :] = 1
-            # One length for the batch: what the hungriest row asked for, but never past any row's context (a row
-            # that wanted more goes on in the next round).
-            new = min(max(asked for _, asked in batch), min(forcing.room(r) for r, _ in batch))
-            stops = sorted({t for r, _ in batch for t in forcing.stop_ids(r)})
-            config = GenerationConfig(
-                do_sample=not greedy, temperature=None if greedy else settings.temperature,
-                top_p=None if greedy else settings.top_p, top_k=None if greedy else 0, min_p=None,
-                repetition_penalty=1.0, num_beams=1, max_new_tokens=new, eos_token_id=stops, pad_token_id=pad_id,
-            )
-            with torch.no_grad():
-                result = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                        generation_config=config)
-            for k, i in enumerate(order[b : b + settings.batch_size]):
-                out[i] = (result[k, width:].tolist(), None)
-        return out
-
-    return timed_rounds(rows, forcing, submit, progress)
+    with torch.no_grad():
+        result = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    return [result[k, width:].tolist() for k in range(len(batch))]

@@ -26,7 +26,7 @@ from . import levels as levels_mod
 from .context import check_max_model_len
 from .forcing import end_of_thinking_id, make_rows
 from .hf_backend import free_model, generate_hf, hf_context_length, load_hf_model, resolve_device
-from .settings import GenerationSettings, ModelSpec
+from .settings import ModelSpec, resolve_settings
 from .tokens import build_prompt_ids, eos_token_ids, load_tokenizer, signature_differences, tokenizer_signature
 from .vllm_backend import VllmEngine, check_vllm
 from .grading import DEFAULT_TIMEOUT_S, grade_many
@@ -85,12 +85,7 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
     backend, ...). `command`: the command line recorded in each result (default: this process's). `overwrite`:
     whether a result file that already exists may be replaced (`sfn eval` refuses unless --overwrite).
     """
-    unknown = set(settings) - set(GenerationSettings.__dataclass_fields__)
-    if unknown:
-        raise SfnError(f"unknown evaluation setting(s) {', '.join(sorted(unknown))}; "
-                       f"known: {', '.join(GenerationSettings.__dataclass_fields__)}.")
-    gen = GenerationSettings(**settings)
-    gen.check()
+    gen, changed = resolve_settings(settings)
     specs = [_as_spec(m) for m in models]
     if not specs or not tasks:
         raise SfnError("nothing to evaluate: pass at least one model and one --task.")
@@ -103,7 +98,8 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
     if len(set(seen)) != len(seen):
         raise SfnError(f"two models share the label {next(x for x in seen if seen.count(x) > 1)!r}; "
                        "give each a distinct --label.")
-    loaded = [load_task(t, task_files=task_files, answer_type=answer_type, limit=limit) for t in tasks]
+    loaded = [load_task(t, task_files=task_files, answer_type=answer_type, limit=limit,
+                        bare=gen.prompts == "bare") for t in tasks]
     paths = output_paths(out, specs, loaded)
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
@@ -136,7 +132,7 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
             engine_info = engine.info
         try:
             for task in loaded:
-                prompts = [build_prompt_ids(tokenizer, task.prompt(p), use_chat) for p in task.problems]
+                prompts = [_prompt(tokenizer, task.prompt(p), use_chat, gen) for p in task.problems]
                 rows = make_rows([ids for _, ids in prompts], gen.samples)
                 if engine is None:
                     seconds = generate_hf(model, tokenizer, rows, gen, eos, progress, context_len)
@@ -145,7 +141,7 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
                 _note_context_stops(spec, task, rows, engine_info)
                 result = _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature,
                                    grading_timeout, grading_workers, progress, plugin_checks.get(spec.label), command)
-                result["settings"]["engine"] = engine_info
+                result["settings"].update(engine=engine_info, protocol_changes=changed)
                 path = paths[(spec.label, task.name)]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_json(path, result, indent=1)
@@ -157,6 +153,27 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
                 free_model(model)
             model = engine = None
     return written
+
+
+def _prompt(tokenizer, text: str, use_chat: bool, gen) -> tuple[str, list[int]]:
+    """(prompt string, ids): the chat-templated (or raw) prompt, then `thinking_start` (s1: "<|im_start|>think")."""
+    prompt, ids = build_prompt_ids(tokenizer, text, use_chat)
+    if gen.thinking_start:
+        prompt += gen.thinking_start
+        ids = ids + list(tokenizer(gen.thinking_start, add_special_tokens=False)["input_ids"])
+    return prompt, ids
+
+
+def _texts(tokenizer, row, gen) -> tuple[str, str]:
+    """(the response, the part graded). With s1's markers the response keeps them ("<|im_start|>answer") and the
+    answer after them is graded, as s1's extraction does; otherwise the whole response, special tokens dropped."""
+    if gen.answer_start is None:
+        text = tokenizer.decode(row.gen_ids, skip_special_tokens=True)
+        return text, text
+    text = tokenizer.decode(row.gen_ids, skip_special_tokens=False)
+    if row.answer_from is None:
+        return text, text
+    return text, tokenizer.decode(row.gen_ids[row.answer_from :], skip_special_tokens=True)
 
 
 def _note_context_stops(spec, task, rows, engine_info) -> None:
@@ -178,9 +195,10 @@ def _check_plugins(specs: list[ModelSpec]) -> dict[str, dict]:
 
 def _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature, grading_timeout,
               grading_workers, progress, plugin_check=None, command=None) -> dict:
-    responses = [tokenizer.decode(r.gen_ids, skip_special_tokens=True) for r in rows]
-    items = [{"response": text, "answer": task.problems[r.problem_index]["answer"], "type": task.answer_type,
-              "choices": task.problems[r.problem_index].get("choices")} for r, text in zip(rows, responses)]
+    texts = [_texts(tokenizer, r, gen) for r in rows]
+    responses = [text for text, _ in texts]
+    items = [{"response": graded, "answer": task.problems[r.problem_index]["answer"], "type": task.answer_type,
+              "choices": task.problems[r.problem_index].get("choices")} for r, (_, graded) in zip(rows, texts)]
     grades = grade_many(items, timeout_s=grading_timeout, workers=grading_workers, progress=progress)
 
     problems = [{**{k: v for k, v in p.items()}, "prompt": prompts[i][0], "samples": []}
@@ -195,6 +213,7 @@ def _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, sign
             "sample": row.sample_index, "response": text, "extracted": grade["extracted"],
             "correct": grade["correct"], "reason": grade["reason"], "level": level, "level_features": features,
             "tokens": len(row.gen_ids), "finish_reason": row.finish_reason, "waits": row.waits,
+            "answer_from": row.answer_from, "budget_spent": row.budget_spent,
         })
     per_problem = [[s["correct"] for s in p["samples"]] for p in problems]
     plugin_meta = None

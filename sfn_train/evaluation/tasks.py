@@ -39,6 +39,9 @@ CHOICE_TEMPLATE = (
 )
 EXACT_TEMPLATE = "{problem}"
 DEFAULT_TEMPLATES = {"math": MATH_TEMPLATE, "choice": CHOICE_TEMPLATE, "exact": EXACT_TEMPLATE}
+# Bare prompts, as s1 trains and evaluates: the problem alone (s1's QUERY_TEMPLATE '{Question}'); GPQA's choices as
+# s1's gpqa_diamond_openai lists them ("{Question}\n\nA) ...\nB) ...").
+BARE_TEMPLATES = {"math": "{problem}", "choice": "{problem}\n\n{choices}", "exact": "{problem}"}
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -237,8 +240,10 @@ def _explicit_file(name: str, task_files: dict[str, str] | None) -> str | None:
 
 
 def load_task(name: str, *, task_files: dict[str, str] | None = None, answer_type: str | None = None,
-              template: str | None = None, limit: int | None = None) -> Task:
-    """Resolve a task name or JSONL path into a `Task` (see the module docstring for the resolution order)."""
+              template: str | None = None, limit: int | None = None, bare: bool = False) -> Task:
+    """Resolve a task name or JSONL path into a `Task` (see the module docstring for the resolution order).
+
+    `bare`: prompt with the problem alone (BARE_TEMPLATES) instead of the task's instruction template."""
     if answer_type is not None and answer_type not in ANSWER_TYPES:
         raise SfnError(f"answer type {answer_type!r} is unknown; use one of {', '.join(ANSWER_TYPES)}.")
     if name in _REGISTRY:
@@ -256,6 +261,8 @@ def load_task(name: str, *, task_files: dict[str, str] | None = None, answer_typ
     else:
         raise SfnError(f"task {name!r} is neither a registered task ({', '.join(registered_tasks())}) nor a .jsonl "
                        "file; pass a known name or the path of a problems file.")
+    if bare and template is None:
+        task.template = BARE_TEMPLATES[task.answer_type]
     if limit is not None:
         task.problems = task.problems[:limit]
     return task

@@ -133,14 +133,14 @@ class VllmEngine:
     def generate(self, tokenizer, rows: list[Row], eos_ids: list[int], progress: bool = True) -> float:
         """Fill every row's gen_ids; returns the generation wall time in seconds."""
         settings, vllm = self.settings, self.vllm
-        forcing = make_forcing(tokenizer, settings, eos_ids, self.info["context_length"])
+        forcing = make_forcing(tokenizer, settings, eos_ids, self.info["context_length"], rows)
 
         def submit(live: list[tuple[Row, int]]) -> list[tuple[list[int], int | None]]:
             params = [
                 vllm.SamplingParams(
                     n=1, temperature=settings.temperature, top_p=settings.top_p if settings.temperature else 1.0,
                     top_k=-1, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                    max_tokens=asked, min_tokens=0,
+                    max_tokens=asked, min_tokens=min(forcing.min_tokens(r), asked),
                     seed=settings.seed * 1_000_003 + r.problem_index * 1009 + r.sample_index + 7919 * r.rounds,
                     stop_token_ids=forcing.stop_ids(r), ignore_eos=False, skip_special_tokens=True,
                 )

@@ -51,13 +51,13 @@ def eval_flags(options: dict, where: str = "eval") -> list[str]:
 def parse_eval_options(options: dict, tasks: list[str], where: str = "eval") -> argparse.Namespace:
     """The `sfn eval` namespace these options give (defaults filled in), checked as `sfn eval` checks them."""
     from ..evaluation.cli import eval_parser, evaluate_kwargs
-    from ..evaluation.settings import GenerationSettings
+    from ..evaluation.settings import GenerationSettings, resolve_settings
 
     argv = ["MODEL", *[x for t in tasks for x in ("--task", str(t))], "--out", "OUT", *eval_flags(options, where)]
     try:
         ns = eval_parser().parse_args(argv)
         kwargs = evaluate_kwargs(ns)
-        GenerationSettings(**{k: v for k, v in kwargs.items() if k in GenerationSettings.__dataclass_fields__}).check()
+        resolve_settings({k: v for k, v in kwargs.items() if k in GenerationSettings.__dataclass_fields__})
     except SfnError as exc:
         raise SfnError(f"{where}: {exc}") from None
     return ns
