@@ -1,20 +1,28 @@
 """The prepared GPU check: every GPU path of sfn-train, PASS/FAIL with numbers, in one short run.
 
-Launched by bench/gpu_check.sh (which installs the carried wheels first); docs/development.md says how. Two parts,
-so that each device call carries at most 64 MiB of wheels:
+Launched by tools/gpu_check/run.sh (which installs the carried wheels first); docs/development.md says how. Two parts,
+run cheapest first, so that each device call carries at most 64 MiB of wheels:
 
-  --part train   env, bf16_oproj (one process), zero2 (torchrun, 1 process), zero3_f2 (torchrun, F2 selection),
-                 fsdp2 (accelerate launch, ds_configs/accelerate_fsdp2.yaml), padding_free (per attention kernel),
-                 throughput (Qwen2.5-1.5B-shaped, seq 4096, checkpointing: o_proj / F2 / full), eval (HF backend,
-                 base+plugin; vLLM when importable)
-  --part quant   env, quant_4bit, quant_8bit
+  --part quant   env, quant_4bit, quant_8bit                                        (~1-2 min)
+  --part train   env, bf16_oproj (one process), eval (HF backend, base+plugin; vLLM when importable), zero2
+                 (torchrun, 1 process), zero3_f2 (torchrun, F2 selection), fsdp2 (accelerate launch,
+                 ds_configs/accelerate_fsdp2.yaml), padding_free (per attention kernel), throughput
+                 (Qwen2.5-1.5B-shaped, seq 4096, checkpointing: o_proj / F2 / full, each beside `sfn memory`'s plan)
 
 Models are built from configs (random weights, no hub). Each training step trains a bf16 base at lr 1e-5 and checks
 that exactly the selected tensors changed, that every other tensor is bitwise the base, that the saved checkpoint has
 the base's names, shapes and dtypes, and that >= 90% of the o_proj elements moved in the full-precision plugin.
 
+Time: the run has a budget (--budget, default 390 s for train and 180 s for quant, so that a device command with the
+wheel install ends within 7 minutes); each step is capped at min(its own cap, what is left), a step that would start
+with under 20 s left is SKIPped, and every finished step's result is saved as soon as it ends. The `env` step checks
+every installed requirement first and, when one is unmet, the training steps are SKIPped (--keep-going runs them).
+
+Output (OUT, at most 8 files so that the device tool brings all of them back): gpu_check.json (every step's status,
+seconds and numbers), steps.log (the full log of every step: launcher and child output, tracebacks), console.log
+(run.sh's tee of stdout).
+
 `--dry-run` runs the same steps on the CPU with tiny models (CI runs it): what is checked there is the check itself.
-Results go to stdout (one line per step) and to OUT/gpu_check.json.
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,114 +43,22 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-WHEEL_LIST = REPO / "bench" / "gpu_wheels.txt"
-CARRY_LIMIT = 64 * 2**20  # what one device call may carry (working tree included)
-PARTS = {"train": ["env", "bf16_oproj", "zero2", "zero3_f2", "fsdp2", "padding_free", "throughput", "eval"],
-         "quant": ["env", "quant_4bit", "quant_8bit"]}
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+from wheels import check_wheels, read_wheel_list  # noqa: E402  (the wheel list and its check, stdlib + pip only)
+
+PARTS = {"quant": ["env", "quant_4bit", "quant_8bit"],  # cheapest first: the parts, and the steps in each
+         "train": ["env", "bf16_oproj", "eval", "zero2", "zero3_f2", "fsdp2", "padding_free", "throughput"]}
+BUDGET = {"train": 390, "quant": 180}  # seconds for check.py itself; the wheel install comes on top
+STEP_CAP = {"env": 60, "bf16_oproj": 60, "eval": 60, "zero2": 75, "zero3_f2": 75, "fsdp2": 75, "padding_free": 60,
+            "throughput": 240, "quant_4bit": 75, "quant_8bit": 75}
+MIN_START = 20  # a step that would start with less than this left is skipped
+ALARM_GRACE = 15  # the in-process backstop fires this long after a step's cap (launched children stop at the cap)
+NEEDS_ENV = {"bf16_oproj", "eval", "zero2", "zero3_f2", "fsdp2", "throughput", "quant_4bit", "quant_8bit"}
 F2 = ["embed", "lm_head", "norm", "o_proj"]
 LR = 1e-5
 MOVED_MIN = 0.9  # fraction of o_proj elements that must move (fp32 masters at lr 1e-5; bf16 weights move ~15%)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The wheel list (stdlib only: this runs before anything is installed)
-# --------------------------------------------------------------------------------------------------------------------
-def read_wheel_list(path: Path = WHEEL_LIST) -> tuple[dict[str, list[str]], set[str]]:
-    """(part -> requirements "name==version", names the node's image has)."""
-    parts: dict[str, list[str]] = {}
-    device: set[str] = set()
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].split()
-        if not line:
-            continue
-        if line[0] == "device":
-            device.update(normalize(n) for n in line[1:])
-        else:
-            parts.setdefault(line[0], []).append(line[1])
-    return parts, device
-
-
-def normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def wheel_requires(wheel: Path) -> tuple[str, str, list[str]]:
-    """(name, version, Requires-Dist lines) from a wheel's METADATA."""
-    import zipfile
-
-    with zipfile.ZipFile(wheel) as z:
-        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        text = z.read(meta).decode()
-    get = lambda key: [l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith(key + ":")]  # noqa: E731
-    return get("Name")[0], get("Version")[0], get("Requires-Dist")
-
-
-def requirement_name(req: str) -> str | None:
-    """The distribution a Requires-Dist line needs on CPython 3.12 without extras, or None if its marker is false."""
-    body, _, marker = req.partition(";")
-    if marker:
-        m = marker.replace(" ", "")
-        if "extra==" in m:
-            return None
-        py = re.search(r"python_version([<>=!]+)['\"]([\d.]+)['\"]", m)
-        if py:
-            op, ver = py.groups()
-            here, ver = (3, 12), tuple(int(x) for x in ver.split("."))
-            ok = {"<": here < ver, "<=": here <= ver, ">": here > ver, ">=": here >= ver, "==": here[:len(ver)] == ver,
-                  "!=": here[:len(ver)] != ver}[op]
-            if not ok:
-                return None
-    return normalize(re.match(r"\s*([A-Za-z0-9_.\-]+)", body).group(1))
-
-
-def check_wheels(folder: Path, parts: tuple[str, ...] = ("train", "quant"), listing=None) -> list[str]:
-    """Problems with a prepared wheel folder: missing wheels, unmet Requires-Dist, an invocation over 64 MiB.
-
-    `listing`: (part -> requirements, the node's package names); by default bench/gpu_wheels.txt.
-    """
-    wanted, device = listing or read_wheel_list()
-    problems, carried, sizes = [], {}, {}
-    for part, reqs in wanted.items():
-        found = {}
-        for wheel in sorted((folder / part).glob("*.whl")):
-            name, version, requires = wheel_requires(wheel)
-            found[normalize(name)] = (version, requires)
-            sizes[part] = sizes.get(part, 0) + wheel.stat().st_size
-        for req in reqs:
-            name, version = req.split("==")
-            if found.get(normalize(name), (None,))[0] != version:
-                problems.append(f"{folder / part}: no wheel for {req}")
-        extra = set(found) - {normalize(r.split("==")[0]) for r in reqs}
-        if extra:
-            problems.append(f"{folder / part}: wheels not in the list: {', '.join(sorted(extra))} (two versions of a "
-                            "package stop the install; remove them)")
-        carried.update({(part, n): v for n, v in found.items()})
-    for part in parts:
-        have = device | {n for (p, n) in carried if p in ("common", part)}
-        for (p, name), (_, requires) in carried.items():
-            if p not in ("common", part):
-                continue
-            for req in requires:
-                need = requirement_name(req)
-                if need and need not in have:
-                    problems.append(f"part {part}: {name} needs {need}, which is neither carried nor on the node")
-        total = sizes.get("common", 0) + sizes.get(part, 0) + tree_size()
-        print(f"part {part}: wheels {(sizes.get('common', 0) + sizes.get(part, 0)) / 2**20:.1f} MiB + working tree "
-              f"{tree_size() / 2**20:.1f} MiB = {total / 2**20:.1f} MiB (limit {CARRY_LIMIT / 2**20:.0f} MiB)")
-        if total > CARRY_LIMIT:
-            problems.append(f"part {part}: {total / 2**20:.1f} MiB to carry, over the 64 MiB of a device call")
-    return problems
-
-
-def tree_size() -> int:
-    """Bytes of the working tree a device call sends (tracked + untracked, not ignored)."""
-    try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return 0
-    return sum((REPO / f).stat().st_size for f in out.decode().split("\0") if f and (REPO / f).is_file())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -152,25 +68,36 @@ class Skip(Exception):
     """A step that cannot run here, with the reason (reported as SKIP, not FAIL)."""
 
 
+class StepTimeout(Exception):
+    """An in-process step ran past its cap (raised by SIGALRM in the main thread)."""
+
+
 class Report:
-    def __init__(self, out: Path, device: str):
+    """Runs the steps within the budget; saves gpu_check.json after each step and appends every log to steps.log."""
+
+    def __init__(self, out: Path, device: str, budget: float):
         self.out, self.device, self.steps = out, device, []
+        self.deadline = time.monotonic() + budget if budget else None
+        self.stop_reason = ""
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic() if self.deadline else float("inf")
+
+    def log(self, title: str, text: str) -> None:
+        with open(self.out / "steps.log", "a") as f:
+            f.write(f"\n===== {title}\n{text.rstrip()}\n")
 
     def run(self, name: str, func, ctx) -> None:
         started = time.perf_counter()
-        print(f"--- {name}", flush=True)
-        try:
-            numbers = func(ctx) or {}
-            status, note = "PASS", ""
-            failed = numbers.pop("_failed", [])
-            if failed:
-                status, note = "FAIL", "; ".join(failed)
-        except Skip as exc:
-            status, numbers, note = "SKIP", {}, str(exc)
-        except Exception as exc:  # noqa: BLE001 - a failing step is a result, and the next steps still run
-            status, numbers = "FAIL", {}
-            note = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-            (self.out / f"{name}.traceback.txt").write_text(traceback.format_exc())
+        cap = min(STEP_CAP.get(name, 60) * (1 if ctx.cuda else 10), self.left())  # dry runs: the CPU, 10x the time
+        print(f"--- {name} (cap {cap:.0f}s)", flush=True)
+        ctx.step, ctx.step_deadline = name, time.monotonic() + cap
+        if self.stop_reason and name in NEEDS_ENV:
+            status, numbers, note = "SKIP", {}, self.stop_reason
+        elif self.left() < MIN_START:
+            status, numbers, note = "SKIP", {}, f"{self.left():.0f}s left of the run's budget (--budget)"
+        else:
+            status, numbers, note = self._call(name, func, ctx, cap)
         seconds = time.perf_counter() - started
         self.steps.append({"step": name, "status": status, "seconds": round(seconds, 1), "numbers": numbers,
                            "note": note})
@@ -178,12 +105,34 @@ class Report:
         print(f"{status:<4} {name:<13} {seconds:6.1f}s  {shown}{'  -- ' + note if note else ''}", flush=True)
         self.save()
 
+    def _call(self, name: str, func, ctx, cap: float):
+        """(status, numbers, note) of one step; in-process work is stopped by an alarm a little after the cap."""
+        previous = signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(max(1, int(cap) + ALARM_GRACE))  # launched children stop at the cap; this is the backstop
+        try:
+            numbers = func(ctx) or {}
+            failed = numbers.pop("_failed", [])
+            return ("FAIL", numbers, "; ".join(failed)) if failed else ("PASS", numbers, "")
+        except Skip as exc:
+            return "SKIP", {}, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a failing step is a result, and the next steps still run
+            self.log(f"{name}: traceback", traceback.format_exc())
+            text = str(exc).strip()
+            return "FAIL", {}, f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
     def save(self) -> None:
         (self.out / "gpu_check.json").write_text(json.dumps({"device": self.device, "steps": self.steps}, indent=1))
 
     @property
     def failed(self) -> bool:
         return any(s["status"] == "FAIL" for s in self.steps)
+
+
+def _alarm(signum, frame):
+    raise StepTimeout("the step ran past its cap")
 
 
 def _fmt(v) -> str:
@@ -207,9 +156,12 @@ class Context:
         self.out.mkdir(parents=True, exist_ok=True)
         self.steps = 3 if self.dry else 6
         self.with_7b = args.with_7b and not self.dry
+        self.keep_going = args.keep_going
         self.gpu_bytes = torch.cuda.get_device_properties(0).total_memory if self.cuda else 0
         self.python = sys.executable
         self._base = self._data = None
+        self.report = None  # set by main: where launch() writes the logs
+        self.step, self.step_deadline = "", time.monotonic()
 
     # a small bf16 Qwen2 (random weights) and reasoning rows: the correctness steps train this
     def base(self) -> Path:
@@ -244,25 +196,38 @@ class Context:
         (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         return folder / "recipe.yaml"
 
-    def launch(self, cmd: list[str], log: Path, timeout: int = 420) -> None:
-        """Run a launcher (torchrun / accelerate) in a child process; its output goes to `log`."""
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if self.dry else "8")}
-        import signal
+    def left(self) -> float:
+        """Seconds left of the current step's cap."""
+        return self.step_deadline - time.monotonic()
 
+    def launch(self, cmd: list[str], title: str, env: dict | None = None) -> str:
+        """Run a child (torchrun / accelerate / a measuring child) until the step's cap; returns its output.
+
+        Its whole output goes to steps.log whatever happens; a timeout or a nonzero exit raises with the last lines.
+        """
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if self.dry else "8"),
+               **(env or {})}
+        timeout = max(1.0, self.left())
+        log = self.work / f"{title.replace(' ', '_').replace('/', '_')}.log"
         with open(log, "w") as f:  # its own process group: a timeout ends the launcher's workers too
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise RuntimeError(f"no result after {timeout}s (log: {log})") from None
+                pass
             finally:
-                if proc.poll() is None:  # interrupted (Ctrl-C, or the check itself was killed politely)
+                if proc.poll() is None:  # past the cap, or interrupted (Ctrl-C, the step's alarm)
                     os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    self.report.log(f"{self.step}: {title} (killed after {timeout:.0f}s)", log.read_text())
+        text = log.read_text()
+        if proc.returncode == -signal.SIGKILL:
+            raise RuntimeError(f"{title}: no result within the step's cap ({timeout:.0f}s); log in steps.log")
+        self.report.log(f"{self.step}: {title} (exit {proc.returncode})", text)
         if proc.returncode != 0:
-            tail = log.read_text().strip().splitlines()[-3:]
-            raise RuntimeError(f"exit {proc.returncode}: {' | '.join(tail)[-400:]} (log: {log})")
+            tail = text.strip().splitlines()[-3:]
+            raise RuntimeError(f"{title}: exit {proc.returncode}: {' | '.join(tail)[-300:]} (full log in steps.log)")
+        return text
 
 
 def train_in_process(recipe: Path) -> Path:
@@ -373,19 +338,20 @@ def step_env(ctx) -> dict:
     import sfn_train
 
     numbers["sfn_train_from"] = str(Path(sfn_train.__file__).parent)
+    _, _, accepted = read_wheel_list()
     unmet = unmet_requirements(["trl", "datasets", "deepspeed", "bitsandbytes", "math-verify", "liger-kernel",
-                                "transformers", "pydantic", "sfn-train"])
+                                "transformers", "peft", "pydantic", "sfn-train"], skip=set(accepted))
     numbers["unmet_requirements"] = unmet
-    if unmet:
-        print("     unmet requirements (the run goes on; a step that breaks because of one says so):")
-        for line in unmet:
-            print(f"       {line}")
     if ctx.dry:
         problems = check_wheels(REPO / ".whl") if (REPO / ".whl").is_dir() else []
-        read_wheel_list()  # the list parses
-        numbers["wheel_problems"] = problems
-        if problems:
-            numbers["_failed"] = problems
+        numbers["wheel_problems"] = [p for p in problems if not p.startswith("unverified:")]
+        if numbers["wheel_problems"]:
+            numbers["_failed"] = numbers["wheel_problems"]
+    elif unmet:
+        print("     unmet requirements:" + "".join(f"\n       {line}" for line in unmet))
+        numbers["_failed"] = [f"{len(unmet)} unmet requirement(s), e.g. {unmet[0]}"]
+        if not ctx.keep_going:
+            ctx.report.stop_reason = "env found unmet requirements (carry the wheels it names; --keep-going runs anyway)"
     return numbers
 
 
@@ -396,9 +362,12 @@ def _version(name: str) -> str | None:
         return None
 
 
-def unmet_requirements(dists: list[str]) -> list[str]:
-    """`dist needs REQ, have VERSION` for every Requires-Dist of the installed `dists` that the environment fails."""
+def unmet_requirements(dists: list[str], skip: set[str] = frozenset()) -> list[str]:
+    """`dist needs REQ, have VERSION` for every Requires-Dist of the installed `dists` that the environment fails
+    (requirements on the distributions in `skip`, normalized names, are accepted as they are: wheels.txt `accept`)."""
     from packaging.requirements import Requirement
+
+    from wheels import normalize
 
     found = []
     for dist in dists:
@@ -408,7 +377,7 @@ def unmet_requirements(dists: list[str]) -> list[str]:
             continue
         for line in requires:
             req = Requirement(line)
-            if req.marker and not req.marker.evaluate({"extra": ""}):
+            if (req.marker and not req.marker.evaluate({"extra": ""})) or normalize(req.name) in skip:
                 continue
             have = _version(req.name)
             if have is None or (req.specifier and not req.specifier.contains(have, prereleases=True)):
@@ -427,7 +396,7 @@ def _torchrun(ctx, name: str, modules: list[str], ds_config: str) -> dict:
     # bf16 also in a dry run: without it DeepSpeed computes in fp32 and casts the bf16 base, frozen tensors too, to fp32
     recipe = ctx.recipe(name, deepspeed=str(REPO / "ds_configs" / ds_config), trainable_modules=modules, bf16=True)
     ctx.launch([ctx.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                str(REPO / "train" / "sft.py"), "--config", str(recipe)], recipe.parent / "log.txt")
+                str(REPO / "train" / "sft.py"), "--config", str(recipe)], f"torchrun {ds_config}")
     numbers = check_run(ctx.base(), recipe.parent / "out", modules)
     manifest = json.loads((recipe.parent / "out" / "sfn_manifest.json").read_text())
     numbers["deepspeed_stage"] = manifest.get("deepspeed_stage")
@@ -459,7 +428,7 @@ def step_fsdp2(ctx) -> dict:
     recipe = ctx.recipe("fsdp2", bf16=True, per_device_train_batch_size=2)
     ctx.launch([ctx.python, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
                 str(processes), "--main_process_port", str(free_port()), str(REPO / "train" / "sft.py"),
-                "--config", str(recipe)], recipe.parent / "log.txt")
+                "--config", str(recipe)], "accelerate launch fsdp2")
     numbers = check_run(ctx.base(), recipe.parent / "out", ["o_proj"])
     manifest = json.loads((recipe.parent / "out" / "sfn_manifest.json").read_text())
     in_effect = (manifest.get("engine") or {}).get("in_effect") or {}
@@ -572,37 +541,41 @@ def step_throughput(ctx) -> dict:
 
 
 def throughput(ctx, size: str) -> dict:
+    """Each variant in its own child, one after the other, each beside the memory planner's prediction for it.
+
+    A variant that fails or runs out of the step's time is reported and the others' numbers are kept.
+    """
     model_dir, data, shape = throughput_assets(ctx, size)
     variants = {"oproj": ["o_proj"], "f2": F2, "full": ["all"]}
     if shape["params_b"] * 1e9 * 16 > 0.85 * ctx.gpu_bytes and ctx.cuda:  # fp32 weights, grads, Adam moments
         del variants["full"]
     if importlib.util.find_spec("liger_kernel") is not None and ctx.cuda and size == "1.5b":
         variants["oproj_liger"] = ["o_proj"]  # use_liger_kernel: Triton RMSNorm, SwiGLU, RoPE, fused linear-CE
+    recipes = {name: throughput_recipe(ctx, size, name, model_dir, data, modules, shape["seq"])
+               for name, modules in variants.items()}
+    plans = {name: start_plan(ctx, recipe) for name, recipe in recipes.items() if not name.endswith("liger")}
     results, failed, notes = {}, [], {}
-    for name, modules in variants.items():
-        spec = dict(model_dir=str(model_dir), data=str(data), modules=modules, seq=shape["seq"],
-                    steps=4 if ctx.dry else 7, liger=name.endswith("liger"), out=str(ctx.work / f"tp-{size}-{name}"),
-                    dry=ctx.dry)
-        if ctx.dry:  # the CPU has no peak-memory counter to isolate: save the child processes' start-up time
-            results[name] = throughput_child(spec)
-            continue
-        proc = subprocess.run([ctx.python, __file__, "throughput-child", json.dumps(spec)], cwd=REPO,
-                              capture_output=True, text=True, timeout=600)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            (ctx.out / f"throughput-{size}-{name}.log").write_text(proc.stdout[-20000:] + proc.stderr[-20000:])
-            last = proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ""
+    if ctx.cuda:
+        notes["parent_reserved_gib"] = free_parent_gpu()  # what this process holds on the GPU while children run
+    for name, recipe in recipes.items():
+        try:
+            if ctx.dry:  # the CPU has no peak-memory counter to isolate: save the child processes' start-up time
+                results[name] = throughput_child(str(recipe), ctx.dry)
+                continue
+            text = ctx.launch([ctx.python, __file__, "throughput-child", str(recipe)], f"throughput {size} {name}")
+            results[name] = json.loads([l for l in text.splitlines() if l.startswith("RESULT ")][-1][7:])
+        except (RuntimeError, IndexError) as exc:
             if name.endswith("liger"):  # an optional extra: reported, not a failure of the check
-                notes[name] = f"failed: {last}"
+                notes[name] = f"failed: {exc}"
             else:
-                failed.append(f"{name}: exit {proc.returncode}: {last}")
-            continue
-        results[name] = json.loads(line[0][7:])
+                failed.append(f"{name}: {exc}")
+    notes.update(collect_plans(ctx, plans, results))
     if "full" not in variants:
         notes["full"] = f"not run: {shape['params_b']}B parameters x 16 bytes exceed 85% of this GPU's memory"
-    numbers = {"model": shape["label"], "params_b": shape["params_b"], "seq": shape["seq"], **notes, **{
-        f"{n}_tok_s": round(r["tokens_per_s"], 1) for n, r in results.items()}, **{
-        f"{n}_peak_gib": round(r["peak_gib"], 2) for n, r in results.items()}}
+    numbers = {"model": shape["label"], "params_b": shape["params_b"], "seq": shape["seq"], **notes}
+    for n, r in results.items():
+        numbers.update({f"{n}_tok_s": round(r["tokens_per_s"], 1), f"{n}_peak_gib": round(r["peak_gib"], 2),
+                        f"{n}_reserved_gib": round(r.get("reserved_gib", 0.0), 2)})
     if "full" in results:
         for n in results:
             if n != "full":
@@ -611,6 +584,67 @@ def throughput(ctx, size: str) -> dict:
                     numbers[f"{n}/full_peak"] = round(results[n]["peak_gib"] / results["full"]["peak_gib"], 3)
     numbers["details"] = results
     numbers["_failed"] = failed
+    return numbers
+
+
+def free_parent_gpu() -> float:
+    """Release what this (parent) process cached on the GPU; returns the GiB it still reserves (its live tensors)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    return round(torch.cuda.memory_reserved() / 2**30, 3)
+
+
+def throughput_recipe(ctx, size, name, model_dir, data, modules, seq) -> Path:
+    """The recipe a throughput child trains, written by the parent so that the planner reads the very same file."""
+    out = ctx.work / f"tp-{size}-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = out / "recipe.json"
+    recipe.write_text(json.dumps({
+        "model_name_or_path": str(model_dir), "dataset_name": str(data), "output_dir": str(out / "run"),
+        "max_steps": 4 if ctx.dry else 7, "per_device_train_batch_size": 1, "max_length": seq,
+        "learning_rate": LR, "logging_steps": 1, "save_strategy": "no", "report_to": "none", "seed": 0,
+        "dtype": "bfloat16", "bf16": ctx.cuda, "gradient_checkpointing": True, "attn_implementation": "sdpa",
+        "use_liger_kernel": name.endswith("liger"), "disable_tqdm": True, "trainable_modules": modules,
+        "overwrite_output_dir": True,
+    }))
+    return recipe
+
+
+def start_plan(ctx, recipe: Path):
+    """`sfn memory --config RECIPE --json` in the background (CPU only: it runs beside the GPU children)."""
+    log = recipe.parent / "plan.json"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([ctx.python, "-m", "sfn_train.cli", "memory", "--config", str(recipe), "--json"],
+                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    return proc, log
+
+
+def collect_plans(ctx, plans: dict, results: dict) -> dict:
+    """The planner's peak per variant beside the measured one: `<v>_plan_gib` and `<v>_plan_err_pct` (vs allocated)."""
+    numbers = {}
+    for name, (proc, log) in plans.items():
+        try:
+            proc.wait(timeout=max(1.0, ctx.left()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        text = log.read_text()
+        ctx.report.log(f"{ctx.step}: sfn memory {name} (exit {proc.returncode})", text)
+        try:
+            plan = json.loads(text[text.index("{"):])
+        except ValueError:
+            last = text.strip().splitlines()[-1][:200] if text.strip() else f"exit {proc.returncode}"
+            numbers[f"{name}_plan"] = f"unavailable: {last}"
+            continue
+        numbers[f"{name}_plan_gib"] = round(plan["peak_bytes"] / 2**30, 3)
+        measured = results.get(name, {}).get("peak_gib")
+        if measured:
+            numbers[f"{name}_plan_err_pct"] = round(100 * (plan["peak_bytes"] / 2**30 - measured) / measured, 1)
     return numbers
 
 
@@ -651,15 +685,15 @@ def throughput_assets(ctx, size: str = "1.5b"):
     return folder, data, {"seq": seq, "params_b": round(params / 1e9, 3), "label": label}
 
 
-def throughput_child(spec: dict) -> dict:
-    """In a child process (so that peak memory is this variant's own): train and time `steps` steps."""
+def throughput_child(recipe: str, dry: bool = False) -> dict:
+    """In a child process (so that peak memory is this variant's own): train and time the recipe's steps."""
     import torch
     from transformers import TrainerCallback
 
     from sfn_train.config import parse_recipe
     from sfn_train.train import run_sft
 
-    cuda = torch.cuda.is_available() and not spec["dry"]
+    cuda = torch.cuda.is_available() and not dry
     times, tokens = [], []
 
     class Timer(TrainerCallback):
@@ -681,24 +715,14 @@ def throughput_child(spec: dict) -> dict:
             if logs and "num_tokens" in logs:
                 tokens.append(float(logs["num_tokens"]))
 
-    out = Path(spec["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    recipe = out / "recipe.json"
-    recipe.write_text(json.dumps({
-        "model_name_or_path": spec["model_dir"], "dataset_name": spec["data"], "output_dir": str(out / "run"),
-        "max_steps": spec["steps"], "per_device_train_batch_size": 1, "max_length": spec["seq"],
-        "learning_rate": LR, "logging_steps": 1, "save_strategy": "no", "report_to": "none", "seed": 0,
-        "dtype": "bfloat16", "bf16": cuda, "gradient_checkpointing": True, "attn_implementation": "sdpa",
-        "use_liger_kernel": spec["liger"], "disable_tqdm": True, "trainable_modules": spec["modules"],
-        "overwrite_output_dir": True,
-    }))
-    script_args, training_args, model_args, sfn_args = parse_recipe(["--config", str(recipe)])
+    script_args, training_args, model_args, sfn_args = parse_recipe(["--config", recipe])
     run_sft(script_args, training_args, model_args, sfn_args, callbacks=[Timer()])
     timed = times[2:] or times  # the first two steps warm up (allocator, kernels)
-    per_step = tokens[-1] / len(times) if tokens else float(spec["seq"])
+    per_step = tokens[-1] / len(times) if tokens else float(training_args.max_length)
     return {"median_step_s": statistics.median(timed), "tokens_per_step": per_step,
             "tokens_per_s": per_step / statistics.median(timed),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0}
 
 
 def step_eval(ctx) -> dict:
@@ -768,20 +792,13 @@ def step_quant_8bit(ctx) -> dict:
 # --------------------------------------------------------------------------------------------------------------------
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "throughput-child":
-        print("RESULT " + json.dumps(throughput_child(json.loads(sys.argv[2]))), flush=True)
+        print("RESULT " + json.dumps(throughput_child(sys.argv[2])), flush=True)
         return 0
-    if len(sys.argv) > 1 and sys.argv[1] == "wheels":
-        parser = argparse.ArgumentParser(prog="gpu_check.py wheels")
-        parser.add_argument("--folder", default=str(REPO / ".whl"))
-        args = parser.parse_args(sys.argv[2:])
-        problems = check_wheels(Path(args.folder))
-        for p in problems:
-            print(f"problem: {p}")
-        print("wheels: OK" if not problems else f"wheels: {len(problems)} problem(s)")
-        return 1 if problems else 0
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["train", "quant", "all"], default="all")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--part", choices=["quant", "train", "all"], default="all",
+                        help="all: both parts in one run, for --dry-run only (on a node the two together carry more "
+                        "than a device call may)")
     parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: checks the check itself")
     parser.add_argument("--only", default="", help="comma-separated steps to run (default: all of the part)")
     parser.add_argument("--skip", default="", help="comma-separated steps to leave out")
@@ -789,9 +806,15 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--with-7b", action="store_true", help="throughput also on a Qwen2.5-7B-shaped model "
                         "(o_proj and F2; full only where fp32 masters and Adam fit: ~2 more minutes)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default: 390 for "
+                        "train, 180 for quant, none in a dry run); each step is capped at what is left")
+    parser.add_argument("--keep-going", action="store_true", help="run the training steps even when env finds "
+                        "unmet requirements")
     args = parser.parse_args()
+    if args.part == "all" and not args.dry_run:
+        parser.error("--part all carries more than one device call may (64 MiB): run --part quant, then --part train")
 
-    steps = PARTS["train"] + PARTS["quant"][1:] if args.part == "all" else PARTS[args.part]
+    steps = PARTS["quant"] + PARTS["train"][1:] if args.part == "all" else PARTS[args.part]
     only = [s for s in args.only.split(",") if s]
     skip = {s for s in args.skip.split(",") if s}
     unknown = (set(only) | skip) - set(PARTS["train"] + PARTS["quant"])
@@ -804,7 +827,8 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     ctx = Context(args)
-    report = Report(ctx.out, "cpu (dry run)" if ctx.dry else "cuda")
+    budget = args.budget if args.budget is not None else (0 if ctx.dry else BUDGET[args.part])
+    report = ctx.report = Report(ctx.out, "cpu (dry run)" if ctx.dry else "cuda", budget)
     print(f"gpu_check: part {args.part}, {'dry run on the CPU' if ctx.dry else 'GPU'}, steps {', '.join(steps)}; "
           f"scratch {ctx.work}", flush=True)
     started = time.perf_counter()
