@@ -39,8 +39,8 @@ def test_dry_run_passes_every_step(tmp_path):
     assert fsdp2["sharded_dtensor_params"] == fsdp2["parameter_tensors"] > 0
     throughput = steps["throughput"]["numbers"]
     assert throughput["full_tok_s"] > 0 and "oproj/full_tok_s" in throughput
-    for variant in ("oproj", "f2", "full"):  # the planner's prediction beside each variant
-        assert throughput.get(f"{variant}_plan_gib", 0) > 0 or throughput[f"{variant}_plan"].startswith("unavailable")
+    for variant in ("oproj", "f2", "full"):  # the planner's prediction (sfn memory) beside each variant
+        assert throughput[f"{variant}_plan_gib"] > 0
     assert "gpu_check summary:" in proc.stdout
     log = (tmp_path / "steps.log").read_text()  # every launcher's whole output is kept, not a 400-character tail
     assert "===== zero2: torchrun zero2.json (exit 0)" in log and "===== fsdp2: accelerate launch fsdp2 (exit 0)" in log

@@ -22,7 +22,7 @@ GiB = 2**30
 # MiB per communicator), cuBLAS/cuDNN workspaces, and the caching allocator's fragmentation (reserved above
 # allocated). The margin below covers them: a fixed 2 GiB for context + NCCL + workspaces, and 10% of the peak for
 # fragmentation. Chosen from PyTorch's documented sizes, not measured on a GPU here (none is available): the GPU
-# check (bench/gpu_check.py) records max_memory_allocated and max_memory_reserved beside the plan to measure it.
+# check (tools/gpu_check/check.py) records max_memory_allocated and max_memory_reserved beside the plan to measure it.
 MARGIN_FIXED = {"cuda": 2 * GiB, "cpu": 0}
 MARGIN_FRACTION = 0.10
 NOT_MODELLED = ("allocator fragmentation", "the CUDA context", "NCCL buffers", "kernel workspaces (cuBLAS, attention)")

@@ -615,12 +615,11 @@ def throughput_recipe(ctx, size, name, model_dir, data, modules, seq) -> Path:
 
 
 def start_plan(ctx, recipe: Path):
-    """`sfn memory --config RECIPE --json` in the background (CPU only: it runs beside the GPU children)."""
+    """`sfn memory --config RECIPE --json` in the background: fake tensors on the CPU, beside the GPU children."""
     log = recipe.parent / "plan.json"
     with open(log, "w") as f:
         proc = subprocess.Popen([ctx.python, "-m", "sfn_train.cli", "memory", "--config", str(recipe), "--json"],
-                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                                cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
 
 
