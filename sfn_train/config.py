@@ -61,6 +61,11 @@ class SfnArguments:
                   "output_dir/.replaced-run until the new run is complete). Without it, a folder an interrupted run "
                   "left is resumed (or started over when it has no complete checkpoint) and any other is refused."},
     )
+    memory_plan: bool = field(
+        default=True,
+        metadata={"help": "Log the predicted peak memory per rank at start-up (`sfn memory`'s simulation of one step, "
+                  "seconds for small models) and record it in the manifest beside the measured peak; false skips it."},
+    )
     allow_fsdp1: bool = field(
         default=False,
         metadata={"help": "Run FSDP1 (fsdp_config version 1) although part of the model is frozen; it then keeps "

@@ -194,6 +194,15 @@ def peak_gpu_memory() -> dict:
     return {"peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
 
 
+def start_up_memory_plan(training_args, model_args, sfn_args, attention) -> dict | None:
+    """The planner's prediction for this run (sfn_train/memory), on the main process, unless `memory_plan: false`."""
+    if not sfn_args.memory_plan or training_args.process_index != 0:
+        return None
+    from .memory.plan import plan_run
+
+    return plan_run(training_args, model_args, sfn_args, attention["used"] or "sdpa")
+
+
 def check_assistant_masks(tokenizer) -> None:
     """`assistant_only_loss` needs `{% generation %}` markers around assistant turns in the chat template.
 
@@ -252,6 +261,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
         check_resume_recipe(resume, recipe_record(args))
     init_distributed(training_args)
     set_seed(training_args.seed)
+    memory_plan = start_up_memory_plan(training_args, model_args, sfn_args, attention)
 
     ################
     # Tokenizer and dataset (checked before the model, which may take minutes to load)
@@ -318,6 +328,10 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
             raise disk_full_error(output_dir, "a half-written checkpoint-* there is skipped when you resume") from None
         raise
     metrics = {**result.metrics, "wall_s": time.perf_counter() - started, **peak_gpu_memory(), **row_counts}
+    if memory_plan is not None:
+        from .memory.plan import run_memory_record
+
+        metrics["memory"] = run_memory_record(memory_plan)
     if eval_dataset is not None:  # the validation split is always scored on the final weights (sweeps rank on it)
         metrics.update(trainer.evaluate())
     if getattr(trainer, "aux_loss_enabled", False):

@@ -69,6 +69,7 @@ def train_recipe(tmp_path: Path, base: Path, data: Path, **overrides) -> Path:
         report_to="none",
         seed=0,
         max_length=256,
+        memory_plan=False,  # the start-up memory plan (~1.5 s a run here) is tested in test_train.py/test_memory.py
     )
     keys.update(overrides)
     return write_recipe(tmp_path / "recipe.yaml", **keys)

@@ -61,8 +61,7 @@ def measured_peak(spec) -> int:
     def around(model, optimizer, inputs):
         state = [v for s in optimizer.state.values() for v in s.values()]
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        masks = [m for m in (inputs.get("attention_mask") or {}).values() if m is not None]
-        found["before"] = _live_bytes(model.parameters(), model.buffers(), state, grads, masks,
+        found["before"] = _live_bytes(model.parameters(), model.buffers(), state, grads,
                                       [v for v in inputs.values() if isinstance(v, torch.Tensor)])
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             yield

@@ -33,7 +33,7 @@ def train(tmp_path, base, data, *flags, **keys):
 
 def test_default_trains_only_o_proj(tmp_path, qwen2_base, sum_data, caplog):
     caplog.set_level(logging.INFO, logger="sfn_train")
-    out = train(tmp_path, qwen2_base, sum_data)
+    out = train(tmp_path, qwen2_base, sum_data, memory_plan=True)
     changed, unchanged = changed_tensors(qwen2_base, out)
     assert changed == O_PROJ
     assert "model.layers.0.self_attn.q_proj.weight" in unchanged and "lm_head.weight" in unchanged
@@ -50,6 +50,9 @@ def test_default_trains_only_o_proj(tmp_path, qwen2_base, sum_data, caplog):
     assert "git" in manifest
     assert manifest_problems(manifest) == [] and manifest["kind"] == "train"
     assert not (out / "training_args.bin").exists()  # no pickles in the output
+    memory = manifest["metrics"]["memory"]  # the start-up plan beside what the run measured (sfn_train/memory)
+    assert 0 < memory["predicted_peak_bytes"] < memory["measured_peak_rss"] and memory["device"] == "cpu"
+    assert "memory plan: predicted peak" in caplog.text
 
 
 def test_plugin_holds_exactly_the_trained_tensors_and_rebuilds_the_checkpoint(tmp_path, qwen2_base, sum_data):

@@ -120,18 +120,27 @@ def _load_config(model_args, trust_remote_code: bool):
 
 def plan_inputs(argv: list[str], device: str = "cuda") -> PlanInputs:
     """The recipe (`--config R` and override flags, as `sfn train` takes them) -> what the simulation needs."""
+    script_args, training_args, model_args, sfn_args = parse_for_device(argv, device)
+    return inputs_from_args(training_args, model_args, sfn_args, device)
+
+
+def inputs_from_args(training_args, model_args, sfn_args, device: str, kernel: str | None = None) -> PlanInputs:
+    """The parsed recipe -> what the simulation needs. `kernel`: the attention kernel already decided (sfn train),
+    else decided here as `sfn train` would on the planned device (the batching keys are resolved in place)."""
     from .simulate import StepSpec
 
-    script_args, training_args, model_args, sfn_args = parse_for_device(argv, device)
     if not model_args.model_name_or_path:
         raise SfnError("model_name_or_path is not set: give a local folder with config.json or a hub id.")
     engine, ds = _engine(training_args)
-    kernel = _kernel_and_batching(model_args, training_args)
+    if kernel is None:
+        kernel = _kernel_and_batching(model_args, training_args)
     if not training_args.max_length:
         raise SfnError("max_length is null (rows used whole): give `--max_length N`, the longest row to plan for.")
+    if getattr(training_args, "activation_offloading", False):
+        raise SfnError("activation_offloading is not modelled by `sfn memory` yet: plan without it (an upper bound).")
     cls, kwargs = _optimizer(training_args)
     autocast = None
-    if engine != "zero2" and engine != "zero3" and (training_args.bf16 or training_args.fp16):
+    if engine not in ("zero2", "zero3") and (training_args.bf16 or training_args.fp16):
         autocast = "bfloat16" if training_args.bf16 else "float16"
     spec = StepSpec(
         config=_load_config(model_args, training_args.trust_remote_code),
@@ -147,20 +156,19 @@ def plan_inputs(argv: list[str], device: str = "cuda") -> PlanInputs:
     if kernel == "flash":
         notes.append(f"{model_args.attn_implementation}: simulated as a fused kernel (output + logsumexp, no "
                      "seq^2 matrix), as FlashAttention holds")
-    if getattr(training_args, "activation_offloading", False):
-        raise SfnError("activation_offloading is not modelled by `sfn memory` yet: plan without it (an upper bound).")
     return PlanInputs(spec=spec, engine=engine, ds_config=ds, notes=notes)
 
 
-def plan_memory(argv: list[str], nproc: int = 1, nnodes: int = 1, gpu_memory_gib: float | None = None,
-                device: str = "cuda", trace=None) -> dict:
+def plan_memory(argv: list[str] | None, nproc: int = 1, nnodes: int = 1, gpu_memory_gib: float | None = None,
+                device: str = "cuda", trace=None, inputs: PlanInputs | None = None) -> dict:
     """Predict the peak memory per rank of one optimizer step of a recipe (no weights, no data).
 
     `argv`: what `sfn train` takes (`["--config", "recipe.yaml", "--max_length", "8192", ...]`); the model is built
     from `model_name_or_path`'s config.json. `nproc` x `nnodes` ranks; `gpu_memory_gib`: the memory of one device
     (then `fits` says whether the peak plus the margin fits). `device`: "cuda" (the default: a GPU plan, recipe
     defaults as on a GPU, blocks rounded to 512 bytes) or "cpu" (what the same step holds on this CPU). `trace`: a
-    `simulate.StepTrace` of the same recipe to reuse (the simulation does not depend on the rank count).
+    `simulate.StepTrace` of the same recipe to reuse (the simulation does not depend on the rank count). `inputs`:
+    a `PlanInputs` already made from parsed arguments (`inputs_from_args`), instead of `argv`.
 
     Returns a dict: peak_bytes (per rank, without margin), peak_bytes_with_margin, margin_bytes, breakdown
     ({category: bytes} summing to peak_bytes), largest_transient ({bytes, op, phase}), fits (bool, or None without
@@ -170,7 +178,7 @@ def plan_memory(argv: list[str], nproc: int = 1, nnodes: int = 1, gpu_memory_gib
     from .engines import per_rank
     from .simulate import simulate_step
 
-    inputs = plan_inputs(argv, device)
+    inputs = inputs or plan_inputs(argv, device)
     world = nproc * nnodes
     if trace is None:
         trace = simulate_step(inputs.spec)
@@ -302,3 +310,45 @@ def cli_main(argv: list[str]) -> int:
     print(json.dumps(out, default=str) if args.json else text)
     sys.stdout.flush()
     return 0
+
+
+def plan_run(training_args, model_args, sfn_args, kernel: str) -> dict:
+    """`sfn train`'s start-up plan for its own run (this device, its world size): logged, then recorded in the
+    manifest beside the measured peak (`run_memory_record`). A recipe the planner does not model is logged and
+    recorded as such; the run goes on."""
+    import copy
+
+    import torch
+
+    log = logging.getLogger("sfn_train")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        inputs = inputs_from_args(copy.deepcopy(training_args), model_args, sfn_args, device,
+                                  kernel="flash" if kernel.startswith("flash") else kernel)
+        plan = public(plan_memory(None, nproc=training_args.world_size, device=device, inputs=inputs))
+    except Exception as exc:  # noqa: BLE001 - a prediction must never stop a run; the reason is logged and recorded
+        log.warning("memory plan: not available for this run (%s: %s); training goes on.", type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "")
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    log.info("memory plan: predicted peak %.2f GiB per rank (%.2f GiB with margin; %s, %d rank(s), %s), "
+             "simulated in %.1f s", plan["peak_bytes"] / GiB, plan["peak_bytes_with_margin"] / GiB, plan["engine"],
+             plan["world_size"], device, plan["simulate_seconds"])
+    return plan
+
+
+def run_memory_record(plan: dict) -> dict:
+    """The manifest's `memory` entry: the start-up prediction and what this process measured."""
+    import resource
+
+    import torch
+
+    record = {key: plan.get(key) for key in ("peak_bytes", "peak_bytes_with_margin", "breakdown", "engine",
+                                             "world_size", "device", "error")}
+    record = {"predicted_" + k if k.startswith("peak") or k == "breakdown" else k: v for k, v in record.items()
+              if v is not None}
+    if torch.cuda.is_available():
+        record["measured_max_memory_allocated"] = torch.cuda.max_memory_allocated()
+        record["measured_max_memory_reserved"] = torch.cuda.max_memory_reserved()
+    else:  # the whole process (interpreter, libraries, data), so above the prediction of the step's tensors
+        record["measured_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return record

@@ -14,6 +14,7 @@ The tracker's series (bytes per category at every allocation) is what `engines.p
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -208,22 +209,41 @@ def _param_summary(model, trainable) -> dict:
 
 def _inputs(spec: StepSpec):
     """Worst-case inputs: every row max_length tokens long, every label trained (`completion_only_loss` can only
-    lower the loss's memory on a GPU, where TRL scores only the trained positions)."""
+    lower the loss's memory on a GPU, where TRL scores only the trained positions). A padded batch of several rows
+    carries a padding mask (so sdpa and eager get a materialised mask, as with real padding); a padding-free batch is
+    one row with restarting position_ids (sdpa and eager get the block-diagonal mask; FlashAttention's varlen kernel
+    needs none, so its rows are simulated as one causal sequence of the same length)."""
     import torch
 
     rows, length = (1, spec.batch * spec.max_length) if spec.padding_free else (spec.batch, spec.max_length)
     ids = torch.zeros((rows, length), dtype=torch.long)
     inputs = {"input_ids": ids, "labels": torch.zeros_like(ids), "use_cache": False}
     if spec.padding_free:
-        inputs["position_ids"] = torch.arange(spec.max_length).repeat(spec.batch).unsqueeze(0)
-    layer_types = set(getattr(spec.config, "layer_types", None) or ["full_attention"])
-    mask = None  # one causal row per sequence: transformers passes no mask (is_causal), FlashAttention never needs one
-    if spec.batch > 1 and spec.kernel in ("sdpa", "eager"):
-        # sdpa and eager get a materialised mask: block-diagonal over a padding-free batch, padding over a padded one
-        mask_dtype = torch.bool if spec.kernel == "sdpa" else getattr(torch, spec.dtype or "float32")
-        mask = torch.zeros((rows, 1, length, length), dtype=mask_dtype)
-    inputs["attention_mask"] = {t: mask for t in layer_types}
+        restart = spec.max_length if spec.kernel in ("sdpa", "eager") else length
+        inputs["position_ids"] = torch.arange(restart).repeat(length // restart).unsqueeze(0)
+    elif spec.batch > 1:
+        inputs["attention_mask"] = torch.ones((rows, length), dtype=torch.long)
     return inputs
+
+
+@contextlib.contextmanager
+def _mask_decisions_as_on_real_tensors():
+    """transformers never skips the causal mask for a fake tensor (it reads one as tracing, and the skip may need
+    the mask's values). On real tensors it skips it exactly when no padding mask is given: decide that way here."""
+    from transformers import masking_utils
+
+    original = masking_utils._ignore_causal_mask_sdpa
+
+    def decide(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
+        if padding_mask is not None or (local_attention_size is not None and kv_length >= local_attention_size):
+            return False
+        return q_length == 1 or kv_length == q_length
+
+    masking_utils._ignore_causal_mask_sdpa = decide
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = original
 
 
 def simulate_step(spec: StepSpec, fake: bool = True, around=None) -> StepTrace:
@@ -233,7 +253,6 @@ def simulate_step(spec: StepSpec, fake: bool = True, around=None) -> StepTrace:
     `around(model, optimizer, inputs)`: returns a context manager entered for the measured step only (e.g. a
     torch.profiler profile).
     """
-    import contextlib
     import time
 
     import torch
@@ -242,7 +261,8 @@ def simulate_step(spec: StepSpec, fake: bool = True, around=None) -> StepTrace:
 
     start = time.perf_counter()
     tracker = _Tracker(512 if spec.device == "cuda" else 1)
-    with FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext():
+    with FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext(), \
+            _mask_decisions_as_on_real_tensors() if fake else contextlib.nullcontext():
         model = _build_model(spec)
         trainable = _select(model, spec)
         summary = _param_summary(model, trainable)
