@@ -55,6 +55,12 @@ class SfnArguments:
                   "evaluated when training ends (and per eval_strategy) and `sfn sweep` ranks runs on it. 0 = none, "
                   "unless eval_strategy is set and the dataset has a `dataset_test_split` split (TRL's convention)."},
     )
+    truncation: str | None = field(
+        default=None,
+        metadata={"help": "Rows longer than max_length (counted at start-up): `drop` them, `keep_head` (TRL's cut to "
+                  "the first max_length tokens), or `error`. Unset: drop when they are at most 1% of the rows, "
+                  "error above (sfn_train/truncation.py says why).", "choices": ["drop", "keep_head", "error"]},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Replace a non-empty output_dir as a whole (its old contents are kept in "
@@ -82,6 +88,8 @@ class SfnArguments:
         parse_layers(self.trainable_layers)  # validate early, before any model is loaded
         if not 0.0 <= self.validation_fraction < 1.0:
             raise SfnError(f"validation_fraction {self.validation_fraction} must be at least 0 and below 1 (e.g. 0.1).")
+        if self.truncation not in (None, "drop", "keep_head", "error"):
+            raise SfnError(f"truncation {self.truncation!r} is invalid: use drop, keep_head or error.")
         if self.quantize_frozen not in QUANTIZE_CHOICES:
             raise SfnError(f"quantize_frozen {self.quantize_frozen!r} is invalid: use one of {', '.join(QUANTIZE_CHOICES)}.")
 

@@ -39,6 +39,7 @@ from .outputs import (
 from .precision import full_precision_tensors, keep_fp32_masters, precision_record, restore_loaded_dtypes
 from .rerun import check_resume_recipe, plan_output_dir, release_replaced, take_output_dir
 from .startup import check_run_setup, init_distributed, resolve_attention, setup_logging
+from .stop_tokens import match_stop_tokens
 
 logger = logging.getLogger("sfn_train")
 
@@ -151,10 +152,8 @@ def load_datasets(script_args, training_args, sfn_args, tokenizer):
                                assistant_only_loss=training_args.assistant_only_loss)
 
     dataset = prepare(rows)
-    counts = {"train_rows": len(dataset)}
     if validation is not None:
         validation = prepare(validation)
-        counts.update(validation_rows=len(validation), validation_source=source)
     if training_args.assistant_only_loss and not getattr(tokenizer, "chat_template", None):
         raise SfnError("assistant_only_loss needs a chat template, and this tokenizer has none: set "
                        "assistant_only_loss: false or use a model whose tokenizer defines one.")
@@ -166,6 +165,24 @@ def load_datasets(script_args, training_args, sfn_args, tokenizer):
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise SfnError("the dataset has `messages` conversations but the tokenizer has no chat template: use a chat "
                        "model's tokenizer or give prompt/completion text rows.")
+    dataset, validation, counts = check_lengths(dataset, validation, tokenizer, training_args, sfn_args)
+    if validation is not None:
+        counts["validation_source"] = source
+    return dataset, validation, counts
+
+
+def check_lengths(dataset, validation, tokenizer, training_args, sfn_args):
+    """Both splits tokenized as TRL does and handled by the recipe's `truncation` (sfn_train/truncation.py)."""
+    from .stop_tokens import template_end_of_turn
+    from .truncation import apply_truncation
+
+    stops = {i for i in (template_end_of_turn(tokenizer), tokenizer.eos_token_id) if i is not None}
+    dataset, record = apply_truncation(dataset, tokenizer, training_args, sfn_args.truncation, "training", stops)
+    counts = {"train_rows": len(dataset), "truncation": {"train": record}}
+    if validation is not None:
+        validation, counts["truncation"]["validation"] = apply_truncation(
+            validation, tokenizer, training_args, sfn_args.truncation, "validation", stops)
+        counts["validation_rows"] = len(validation)
     return dataset, validation, counts
 
 
@@ -274,6 +291,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     # Model and selection
     ################
     model = load_model(model_args, training_args.trust_remote_code)
+    row_counts["stop_tokens"] = match_stop_tokens(model, tokenizer)  # the template's end of turn stops generation
     selection = freeze(model, sfn_args)
     quantized = sfn_args.quantize_frozen != "none"
     if quantized:
@@ -364,6 +382,7 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
                 # from the unquantized base's own files with them in place (loads without bitsandbytes).
                 save_full_precision(model, selection, output_dir, model_args.model_name_or_path, fingerprint,
                                     tokenizer, tensors=plugin_tensors)
+                model.generation_config.save_pretrained(output_dir)  # the run's (stop tokens), not the base's
             else:
                 write_plugin_from_checkpoint(output_dir, selection, fingerprint, tensors=plugin_tensors, model=model)
                 if masters.engine == "fsdp":
