@@ -42,7 +42,7 @@ def test_a_fine_tune_stops_at_the_templates_end_of_turn(tmp_path, endoftext_base
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sfn_train.cli import main
-    from sfn_train.evaluation.generate import eos_token_ids
+    from sfn_train.evaluation.tokens import eos_token_ids
 
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": "hi", "completion": "ab"}) + "\n" for _ in range(8)))
