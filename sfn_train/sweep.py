@@ -331,6 +331,24 @@ def plan_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra
     return {"commands": commands, "sbatch": sbatch}
 
 
+def memory_lines(planned: dict, launcher: str | None, nproc: int | None, gpu_memory_gib: float | None) -> str:
+    """`--plan`: each point's predicted peak memory per GPU (`sfn memory`; points that differ only in keys that
+    change no memory, such as the learning rate, share one prediction)."""
+    from .memory.plan import plan_line
+
+    words = shlex.split(launcher or "")
+    for flag in ("--nproc_per_node", "--num_processes"):
+        if nproc is None and flag in words[:-1]:
+            nproc = int(words[words.index(flag) + 1])
+    cache, lines = {}, []
+    for command in planned["commands"]:
+        args = shlex.split(command)
+        args = args[args.index("--config"):]
+        lines.append(f"# {Path(args[args.index('--output_dir') + 1]).name}: "
+                     + plan_line(args, nproc or 1, 1, gpu_memory_gib, cache))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Collect: table, JSON, plot
 
@@ -536,6 +554,10 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--collect", metavar="DIR", help="build the table, JSON and plot of a sweep from its finished points")
     p.add_argument("--launcher", help="command that trains one point, before its --config (default: this "
                    "installation's `sfn train`; e.g. 'torchrun --nproc_per_node 8 train/sft.py')")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="--plan: memory of one GPU in GiB, to flag a point "
+                   "whose predicted peak does not fit (default 80)")
+    p.add_argument("--nproc", type=int, default=None, help="--plan: GPUs per point for the memory prediction "
+                   "(default: the launcher's --nproc_per_node / --num_processes, else 1)")
     p.add_argument("--sbatch-option", action="append", metavar="OPTION",
                    help="an #SBATCH line for --plan's script, e.g. '--gres=gpu:8' (repeatable)")
     ns, extra = p.parse_known_args(argv)
@@ -552,6 +574,7 @@ def cli_main(argv: list[str]) -> int:
         planned = plan_sweep(ns.config, ns.grid, ns.out, extra, metric=metric, launcher=ns.launcher,
                              sbatch_options=ns.sbatch_option)
         print("\n".join(planned["commands"]))
+        print(memory_lines(planned, ns.launcher, ns.nproc, ns.gpu_memory))
         print(f"# slurm array script: {planned['sbatch']}   afterwards: sfn sweep --collect {ns.out}")
         return 0
     run_sweep(ns.config, ns.grid, ns.out, extra, metric=metric, launcher=ns.launcher)

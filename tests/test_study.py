@@ -299,6 +299,8 @@ def test_plan_prints_every_stage_with_its_command_and_hardware(inputs, capsys):
             f"runs: torchrun --nproc_per_node 8 -m sfn_train.cli train --config {inputs['root'] / 'oproj.yaml'} "
             f"--model_name_or_path {inputs['root'] / 'A'} --output_dir {out / 'train' / 'oproj'}" in plan)
     assert "engine: DDP (the recipe names no deepspeed or fsdp config)" in plan
+    memory = [line.strip() for line in plan.splitlines() if line.strip().startswith("memory:")]
+    assert memory and all(" GiB per GPU " in m and m.endswith(": fits 80 GiB") for m in memory), memory
     assert f"[merge:m2_qkv]  CPU only" in plan and (
         f"runs: sfn merge {inputs['root'] / 'A'} {inputs['root'] / 'B'} --modules q_proj,k_proj,v_proj --layers 0-1"
         in plan)
@@ -308,6 +310,14 @@ def test_plan_prints_every_stage_with_its_command_and_hardware(inputs, capsys):
     assert waves == ["## wave 1: 11 stage(s), independent of each other",
                      "## wave 2: 9 stage(s), independent of each other",
                      "## wave 3: 1 stage(s), independent of each other"]
+
+
+def test_plan_flags_a_training_stage_that_does_not_fit_its_gpus(inputs, capsys):
+    assert main(["study", str(inputs["study"]), "--plan", "--gpu-memory", "0.01"]) == 0
+    plan = capsys.readouterr().out
+    assert ": DOES NOT FIT 0.01 GiB GPUs" in plan
+    assert main(["study", str(inputs["study"]), "--plan", "--no-memory"]) == 0
+    assert "memory:" not in capsys.readouterr().out
 
 
 def test_plan_launches_with_accelerate_when_the_finetune_names_its_config(tmp_path, capsys):

@@ -164,6 +164,9 @@ def test_plan_prints_commands_that_launch_and_collect_reads_them(tmp_path, qwen2
                            "--out", str(out), "--plan"], capture_output=True, text=True, env=env, check=True)
     commands = [line for line in plan.stdout.splitlines() if not line.startswith("#")]
     assert len(commands) == 2 and all("--output_dir" in c for c in commands)
+    memory = [line for line in plan.stdout.splitlines() if ": memory: predicted peak " in line]
+    assert [m.split(":")[0] for m in memory] == ["# learning_rate-1e-3", "# learning_rate-1e-2"], plan.stdout
+    assert memory[0].split(":", 1)[1] == memory[1].split(":", 1)[1]  # one prediction: the rate changes no memory
     assert not (out / "points").exists()  # nothing trained
     # the first point exactly as printed; the second through the sbatch array script, as slurm would run it
     subprocess.run(commands[0], shell=True, check=True, env=env, capture_output=True)

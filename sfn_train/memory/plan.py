@@ -352,3 +352,41 @@ def run_memory_record(plan: dict) -> dict:
     else:  # the whole process (interpreter, libraries, data), so above the prediction of the step's tensors
         record["measured_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return record
+
+
+# Recipe flags that change nothing in memory: plans of points differing only in these are computed once.
+_NO_MEMORY_EFFECT = {"--learning_rate", "--output_dir", "--seed", "--overwrite_output_dir", "--run_name",
+                     "--weight_decay", "--warmup_steps", "--num_train_epochs", "--max_steps", "--lr_scheduler_type"}
+DEFAULT_PLAN_GPU_GIB = 80.0  # `--plan` lines check against an H100/A100 80GB unless told otherwise
+
+
+def plan_line(argv: list[str], nproc: int, nnodes: int, gpu_memory_gib: float | None, cache: dict | None = None) -> str:
+    """One line for a `--plan` listing: the predicted peak per GPU of the training command `argv` (what
+    `sfn train` takes), flagged when it does not fit; or why there is no prediction (e.g. no config.json here)."""
+    key = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in _NO_MEMORY_EFFECT:
+            skip = True
+            continue
+        key.append(a)
+    key = (tuple(key), nproc, nnodes, gpu_memory_gib)
+    if cache is not None and key in cache:
+        return cache[key]
+    try:
+        plan = plan_memory(argv, nproc=nproc, nnodes=nnodes, gpu_memory_gib=gpu_memory_gib)
+    except Exception as exc:  # noqa: BLE001 - a plan listing goes on; the line says why this one has no prediction
+        line = f"memory: not predicted ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+    else:
+        where = f"{nnodes} x {nproc} GPU(s), {plan['engine']}"
+        line = (f"memory: predicted peak {plan['peak_bytes'] / GiB:.1f} GiB per GPU "
+                f"({plan['peak_bytes_with_margin'] / GiB:.1f} with margin; {where}; `sfn memory` for the breakdown)")
+        if plan["fits"] is not None:
+            line += (f": fits {gpu_memory_gib:g} GiB" if plan["fits"] else
+                     f": DOES NOT FIT {gpu_memory_gib:g} GiB GPUs")
+    if cache is not None:
+        cache[key] = line
+    return line

@@ -33,9 +33,12 @@ def run_study(study_file, *, out=None, stage: str | None = None, log=print) -> d
     return {**result, "out": pipe.out}
 
 
-def plan_text(study_file, out=None) -> str:
-    """Stage by stage, in waves of independent stages: what runs, on what hardware, with which command."""
+def plan_text(study_file, out=None, gpu_memory_gib: float | None = 80.0, memory: bool = True) -> str:
+    """Stage by stage, in waves of independent stages: what runs, on what hardware, with which command; each
+    training stage with its predicted peak memory per GPU (`sfn memory`), flagged when it exceeds `gpu_memory_gib`."""
     import shlex
+
+    from ..memory.plan import plan_line
 
     from .pipeline import StudyPipeline
 
@@ -61,6 +64,9 @@ def plan_text(study_file, out=None) -> str:
             lines.append("    " + shlex.join([*own, "--stage", s.name]))
             if s.kind != "report":
                 lines += [f"    runs: {c}" for c in s.commands]
+            if s.kind == "train" and memory:
+                f = pipe.finetunes[s.name.split(":", 1)[1]]
+                lines.append("    " + plan_line(pipe._train_args(f.name), f.nproc_per_node, f.nnodes, gpu_memory_gib))
             lines += [f"    {n}" for n in s.notes]
         lines.append("")
     return "\n".join(lines)
@@ -87,6 +93,10 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--stage", help="run one stage (e.g. train:oproj, eval:m1_oproj, report) or every stage of "
                         "a kind (train, merge, destroy, delta, gadgets, eval, report)")
     parser.add_argument("--out", help="output folder (default: the study's `out`)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="--plan: memory of one GPU in GiB, to flag a "
+                        "training stage whose predicted peak does not fit (default 80)")
+    parser.add_argument("--no-memory", action="store_true", help="--plan: skip the memory predictions (each costs "
+                        "a simulated step: seconds, ~20-40 s for a 32B model)")
 
     def fail(message):
         raise SfnError(f"{message} (see `sfn study --help`)")
@@ -96,7 +106,7 @@ def cli_main(argv: list[str]) -> int:
     if a.plan:
         if a.stage:
             raise SfnError("--plan prints every stage; leave out --stage.")
-        print(plan_text(a.study, a.out))
+        print(plan_text(a.study, a.out, gpu_memory_gib=a.gpu_memory, memory=not a.no_memory))
         return 0
     run_study(a.study, out=a.out, stage=a.stage, log=lambda line: print(line, flush=True))
     return 0
