@@ -4,6 +4,7 @@
     sfn sweep --config R --grid learning_rate=1e-4,3e-4 --grid trainable_modules=o_proj,all --out DIR --max_steps 200
     sfn sweep --config R --grid learning_rate=1e-4,3e-4 --out DIR --plan    # launch commands + DIR/sweep_array.sbatch
     sfn sweep --collect DIR                                                # table, JSON and plot of what has finished
+    sfn sweep --config R --grid learning_rate=1e-4,3e-4 --seeds 42,43,44 --out DIR   # each point on 3 training seeds
 
 The grid is the product of the `--grid` options; any other `--key value` is a recipe flag given to every point.
 
@@ -22,6 +23,12 @@ A variant is one combination of the grid keys other than `learning_rate`. The be
 `greater_is_better` -- is marked `best` in `DIR/sweep.json` and `DIR/sweep.md`, and `DIR/sweep.png` plots the metric
 against the learning rate, one line per variant. Each finished point folder gets `sfn_sweep.json` (what it was
 compared with and whether it won), which `sfn compare` reads to say how a model's learning rate was chosen.
+
+Seeds (`--seeds 42,43,44`): each grid point is trained once per seed (`--seed S`, which sets the data order and the
+initialisation of anything initialised; each run's manifest records it), in `DIR/points/<point>__seed-S`. A point's
+metric is the mean over its seeds, shown with their standard deviation and range; the best point of a variant is
+chosen on that mean, among the points whose every seed finished. A rerun trains only the (point, seed) runs not
+finished, so adding a seed trains only that seed.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -57,15 +65,22 @@ FORMAT = "sfn-sweep/1"
 @dataclass(frozen=True)
 class Point:
     settings: tuple[tuple[str, str], ...]  # (grid key, value as given), in --grid order
+    seed: int | None = None  # the training seed of this run of the point (--seeds), else the recipe's
 
     @property
-    def name(self) -> str:
-        """Folder name: `learning_rate-0.001__trainable_modules-o_proj` (shell-safe)."""
+    def point(self) -> str:
+        """The grid point's name: `learning_rate-0.001__trainable_modules-o_proj` (shell-safe)."""
         return "__".join(f"{key}-{_slug(value)}" for key, value in self.settings)
 
     @property
+    def name(self) -> str:
+        """Folder name: the point's, with `__seed-S` for a run of a seeded sweep."""
+        return self.point + ("" if self.seed is None else f"__seed-{self.seed}")
+
+    @property
     def label(self) -> str:
-        return " ".join(f"{key}={value}" for key, value in self.settings)
+        return " ".join([f"{key}={value}" for key, value in self.settings]
+                        + ([] if self.seed is None else [f"seed={self.seed}"]))
 
     def variant(self) -> str:
         """The point's settings other than the learning rate ('' when the grid has only learning rates)."""
@@ -73,7 +88,8 @@ class Point:
 
     def flags(self) -> list[str]:
         # A value of several words is a list-valued key: `--grid "trainable_modules=o_proj,q_proj k_proj"`
-        return [token for key, value in self.settings for token in (f"--{key}", *value.split())]
+        seed = [] if self.seed is None else ["--seed", str(self.seed)]
+        return [token for key, value in self.settings for token in (f"--{key}", *value.split())] + seed
 
 
 def _slug(value: str) -> str:
@@ -109,9 +125,24 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
     return grid
 
 
-def grid_points(grid: dict[str, list[str]]) -> list[Point]:
-    """The product of the grid, first key slowest; point names must stay distinct after slugging."""
-    points = [Point(tuple(zip(grid, values))) for values in itertools.product(*grid.values())]
+def parse_seeds(spec: str | None) -> list[int] | None:
+    """`--seeds 42,43,44` -> [42, 43, 44] (None when not given)."""
+    if spec is None:
+        return None
+    try:
+        seeds = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise SfnError(f"--seeds {spec!r} must be whole numbers separated by commas, e.g. --seeds 42,43,44.") from None
+    if len(set(seeds)) != len(seeds):
+        raise SfnError(f"--seeds {spec!r} repeats a seed: list each seed once.")
+    return seeds
+
+
+def grid_points(grid: dict[str, list[str]], seeds: list[int] | None = None) -> list[Point]:
+    """The product of the grid, first key slowest, each point once per seed (seeds fastest); point names must stay
+    distinct after slugging."""
+    points = [Point(tuple(zip(grid, values)), seed) for values in itertools.product(*grid.values())
+              for seed in (seeds or [None])]
     names = [p.name for p in points]
     if len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
@@ -149,10 +180,14 @@ def _launched_args(manifest: dict) -> list[str] | None:
     return words[words.index("--config"):] if "--config" in words else None
 
 
-def _check_extra(extra: list[str], grid: dict) -> None:
+def _check_extra(extra: list[str], grid: dict, seeds: list[int] | None = None) -> None:
+    if seeds is not None and "seed" in grid:
+        raise SfnError("--seeds and --grid seed=... both set the seed: give the seeds in --seeds only.")
     for token in extra:
         if token.startswith("--"):
             key = token[2:].split("=", 1)[0]
+            if seeds is not None and key == "seed":
+                raise SfnError("--seed and --seeds both set the seed: give the seeds in --seeds only.")
             if key in grid:
                 raise SfnError(f"--{key} is both a grid key and a flag for every point: give it in one place.")
             if key in RESERVED:
@@ -206,7 +241,8 @@ def plan_record(config: str, extra: list[str], grid: dict, points: list[Point], 
         "grid": grid,
         "metric": metric,
         "greater_is_better": greater_is_better(metric),
-        "points": [{"name": p.name, "settings": dict(p.settings), "variant": p.variant(),
+        "seeds": sorted({p.seed for p in points}) if points and points[0].seed is not None else None,
+        "points": [{"name": p.name, "point": p.point, "seed": p.seed, "settings": dict(p.settings), "variant": p.variant(),
                     "command": shlex.join([*launcher, *train_args(config, extra, p, out)])} for p in points],
     }
 
@@ -250,11 +286,11 @@ def _clock(seconds: float) -> str:
 
 
 def _prepare(config: str, grid_specs: list[str], out: Path, extra: list[str], metric: str,
-             launcher: str | None) -> tuple[list, dict]:
+             launcher: str | None, seeds: list[int] | None = None) -> tuple[list, dict]:
     """(grid points, the sweep record in DIR/sweep.json) after checking the grid, the recipe and every point."""
     grid = parse_grid(grid_specs)
-    _check_extra(extra, grid)
-    points = grid_points(grid)
+    _check_extra(extra, grid, seeds)
+    points = grid_points(grid, seeds)
     if not Path(config).is_file():
         raise SfnError(f"recipe {config} does not exist: pass --config PATH.yaml.")
     check_points(config, extra, points, out)
@@ -262,10 +298,12 @@ def _prepare(config: str, grid_specs: list[str], out: Path, extra: list[str], me
 
 
 def run_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra: list[str] | None = None, *,
-              metric: str = "eval_loss", launcher: str | None = None, env: dict | None = None, log=print) -> dict:
-    """Train every point not finished yet, one after another, then `collect`; returns what `collect` returns."""
+              metric: str = "eval_loss", launcher: str | None = None, env: dict | None = None, log=print,
+              seeds: list[int] | None = None) -> dict:
+    """Train every point (once per seed of `seeds`) not finished yet, one after another, then `collect`; returns
+    what `collect` returns."""
     out, extra = Path(out), list(extra or [])
-    points, record = _prepare(config, grid_specs, out, extra, metric, launcher)
+    points, record = _prepare(config, grid_specs, out, extra, metric, launcher, seeds)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
 
@@ -273,7 +311,8 @@ def run_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra:
     log(f"[sweep] {len(points)} points in {out}: {len(points) - len(todo)} finished before, {len(todo)} to train")
     started, durations = time.monotonic(), []
     for i, entry in enumerate(record["points"], 1):
-        label = " ".join(f"{k}={v}" for k, v in entry["settings"].items())
+        label = " ".join([f"{k}={v}" for k, v in entry["settings"].items()]
+                         + ([f"seed={entry['seed']}"] if entry.get("seed") is not None else []))
         if entry not in todo:
             log(f"[sweep] {i}/{len(points)} {label}: finished before, skipped")
             continue
@@ -303,10 +342,11 @@ def run_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra:
 
 
 def plan_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra: list[str] | None = None, *,
-               metric: str = "eval_loss", launcher: str | None = None, sbatch_options: list[str] | None = None) -> dict:
+               metric: str = "eval_loss", launcher: str | None = None, sbatch_options: list[str] | None = None,
+               seeds: list[int] | None = None) -> dict:
     """Write DIR/sweep.json and DIR/sweep_array.sbatch; return {"commands", "sbatch"} (nothing is trained)."""
     out, extra = Path(out), list(extra or [])
-    points, record = _prepare(config, grid_specs, out, extra, metric, launcher)
+    points, record = _prepare(config, grid_specs, out, extra, metric, launcher, seeds)
     (out / "logs").mkdir(exist_ok=True)
     commands = [e["command"] for e in record["points"]]
     lines = [
@@ -381,7 +421,8 @@ def choose_best(rows: list[dict], metric: str) -> dict[str, dict]:
 
 def collect(out: str | os.PathLike, metric: str | None = None) -> dict:
     """Read every point's manifest, choose the best point per variant, write sweep.json/sweep.md/sweep.png and each
-    finished point's `sfn_sweep.json`. Points without a result are listed as missing."""
+    finished point's `sfn_sweep.json`. Points without a result are listed as missing. In a seeded sweep a point's
+    metric is the mean over its seeds (`seed_points`), and the choice is made on those means."""
     out = Path(out)
     record = _read_json(out / SWEEP_FILE)
     if record is None or record.get("format") != FORMAT:
@@ -391,6 +432,37 @@ def collect(out: str | os.PathLike, metric: str | None = None) -> dict:
     if Path(record["recipe"]).is_file() and _sha(record["recipe"]) != record["recipe_sha256"]:
         raise SfnError(f"recipe {record['recipe']} changed since this sweep was planned: its points no longer show "
                        "what the recipe does; sweep again into a new folder.")
+    rows = _run_rows(out, record, metric)
+    done = [r for r in rows if r["status"] == "done"]
+    missing_metric = [r["name"] for r in done if r.get(metric) is None]
+    if missing_metric:
+        raise SfnError(f"point {missing_metric[0]} finished without {metric!r} in its manifest metrics: the recipe "
+                       "needs a validation split (validation_fraction), and --metric must be one of the eval_* "
+                       "metrics training records.")
+    ranked = seed_points(rows, metric, record["seeds"]) if record.get("seeds") else rows
+    best = choose_best(ranked, metric)
+    for row in ranked:
+        row["best"] = best.get(row["variant"]) is row
+    for row in rows:
+        row["best"] = any(b["name"] == row.get("point", row["name"]) for b in best.values())
+    notes = _edge_notes(ranked, best)
+    summary = {**record, "metric": metric, "greater_is_better": greater_is_better(metric), "points": rows,
+               "best": {variant: row["name"] for variant, row in best.items()}, "notes": notes,
+               "finished": len(done), "missing": [r["name"] for r in rows if r["status"] != "done"]}
+    if record.get("seeds"):
+        summary["seed_points"] = ranked
+    plot = _plot(ranked, metric, out / "sweep.png")
+    summary["plot"] = plot.name if plot else None
+    _write_json(out / SWEEP_FILE, summary)
+    markdown = out / "sweep.md"
+    markdown.write_text(sweep_markdown(summary), encoding="utf-8")
+    _write_point_records(out, done, ranked, best, metric)
+    return {"json": out / SWEEP_FILE, "markdown": markdown, "plot": plot, "rows": rows, "best": best,
+            "metric": metric, "notes": notes, "seed_points": ranked if record.get("seeds") else None}
+
+
+def _run_rows(out: Path, record: dict, metric: str) -> list[dict]:
+    """One row per run (a point, or a point's seed in a seeded sweep), from its manifest."""
     rows = []
     for entry in record["points"]:
         manifest = finished_manifest(out, entry)
@@ -399,7 +471,8 @@ def collect(out: str | os.PathLike, metric: str | None = None) -> dict:
         if lr is None and manifest:
             lr = manifest.get("recipe", {}).get("training", {}).get(LR)
         rows.append({
-            "name": entry["name"], "settings": entry["settings"], "variant": entry["variant"],
+            "name": entry["name"], "point": entry.get("point", entry["name"]), "seed": entry.get("seed"),
+            "settings": entry["settings"], "variant": entry["variant"],
             "learning_rate": None if lr is None else float(lr), "status": "done" if manifest else "missing",
             metric: metrics.get(metric), "eval_loss": metrics.get("eval_loss"),
             "eval_mean_token_accuracy": metrics.get("eval_mean_token_accuracy"),
@@ -407,36 +480,52 @@ def collect(out: str | os.PathLike, metric: str | None = None) -> dict:
             "validation_rows": metrics.get("validation_rows"), "train_rows": metrics.get("train_rows"),
             "folder": str(out / "points" / entry["name"]), "command": entry["command"], "best": False,
         })
-    done = [r for r in rows if r["status"] == "done"]
-    missing_metric = [r["name"] for r in done if r.get(metric) is None]
-    if missing_metric:
-        raise SfnError(f"point {missing_metric[0]} finished without {metric!r} in its manifest metrics: the recipe "
-                       "needs a validation split (validation_fraction), and --metric must be one of the eval_* "
-                       "metrics training records.")
-    best = choose_best(rows, metric)
-    for row in best.values():
-        row["best"] = True
-    notes = _edge_notes(rows, best)
-    summary = {**record, "metric": metric, "greater_is_better": greater_is_better(metric), "points": rows,
-               "best": {variant: row["name"] for variant, row in best.items()}, "notes": notes,
-               "finished": len(done), "missing": [r["name"] for r in rows if r["status"] != "done"]}
-    plot = _plot(rows, metric, out / "sweep.png")
-    summary["plot"] = plot.name if plot else None
-    _write_json(out / SWEEP_FILE, summary)
-    markdown = out / "sweep.md"
-    markdown.write_text(sweep_markdown(summary), encoding="utf-8")
+    return rows
+
+
+def seed_points(rows: list[dict], metric: str, seeds: list[int]) -> list[dict]:
+    """One row per grid point of a seeded sweep: `metric` (and the other validation figures) is the mean over its
+    seeds, with `<metric>_sd` (sample sd), `<metric>_min`/`_max` and `n_seeds` finished; a point whose every seed
+    has not finished has no mean (None), so it cannot be chosen on the luck of the seeds that did."""
+    points: dict[str, list[dict]] = {}
+    for row in rows:
+        points.setdefault(row["point"], []).append(row)
+    out = []
+    for name, runs in points.items():
+        done = [r for r in runs if r["status"] == "done" and _finite(r.get(metric))]
+        values = [r[metric] for r in done]
+        complete = len(done) == len(seeds)
+        mean = lambda key: (sum(r[key] for r in done) / len(done)  # noqa: E731
+                            if complete and all(_finite(r.get(key)) for r in done) else None)
+        out.append({**{k: runs[0][k] for k in ("settings", "variant", "learning_rate", "validation_rows",
+                                                "train_rows")},
+                    "name": name, "status": "done" if complete else "missing", "n_seeds": len(done),
+                    "seeds": [r["seed"] for r in done], "runs": [r["name"] for r in runs], "best": False,
+                    metric: mean(metric), "eval_loss": mean("eval_loss"),
+                    "eval_mean_token_accuracy": mean("eval_mean_token_accuracy"), "train_loss": mean("train_loss"),
+                    "train_runtime_s": mean("train_runtime_s"),
+                    f"{metric}_sd": statistics.stdev(values) if len(values) > 1 else None,
+                    f"{metric}_min": min(values, default=None), f"{metric}_max": max(values, default=None)})
+    return out
+
+
+def _write_point_records(out: Path, done: list[dict], ranked: list[dict], best: dict, metric: str) -> None:
+    """Each finished run's `sfn_sweep.json`: what it was compared with and whether its point won (`value` is the
+    point's metric: its mean over seeds in a seeded sweep, where `run_value` is this run's own)."""
+    by_point = {r["name"]: r for r in ranked}
     for row in done:
-        tried = [r for r in rows if r["variant"] == row["variant"] and r["status"] == "done"]
+        point = by_point[row.get("point", row["name"])]
+        tried = [r for r in ranked if r["variant"] == row["variant"] and r["status"] == "done"]
         winner = best.get(row["variant"])
         _write_json(Path(row["folder"]) / POINT_RECORD, {
-            "format": FORMAT, "sweep": str(out.resolve()), "point": row["name"], "settings": row["settings"],
-            "variant": row["variant"], "metric": metric, "greater_is_better": greater_is_better(metric),
-            "value": row[metric], "best": row["best"], "learning_rate": row["learning_rate"],
+            "format": FORMAT, "sweep": str(out.resolve()), "point": point["name"], "seed": row.get("seed"),
+            "settings": row["settings"], "variant": row["variant"], "metric": metric,
+            "greater_is_better": greater_is_better(metric), "run_value": row[metric], "n_seeds": point.get("n_seeds"),
+            "value": row[metric] if point[metric] is None else point[metric], "point_complete": point["status"] == "done",
+            "best": point["best"], "learning_rate": row["learning_rate"],
             "chosen_learning_rate": winner["learning_rate"] if winner else None,
             "tried": [{"learning_rate": r["learning_rate"], "value": r[metric]} for r in tried],
         })
-    return {"json": out / SWEEP_FILE, "markdown": markdown, "plot": plot, "rows": rows, "best": best,
-            "metric": metric, "notes": notes}
 
 
 def _edge_notes(rows: list[dict], best: dict[str, dict]) -> list[str]:
@@ -453,7 +542,7 @@ def _edge_notes(rows: list[dict], best: dict[str, dict]) -> list[str]:
 
 
 def sweep_markdown(summary: dict, heading: str = "#") -> str:
-    metric, rows = summary["metric"], summary["points"]
+    metric, rows, seeds = summary["metric"], summary.get("seed_points") or summary["points"], summary.get("seeds")
     keys = [k for k in summary["grid"] if k != LR]
     direction = "highest" if summary["greater_is_better"] else "lowest"
     first = next((r for r in rows if r.get("validation_rows")), None)
@@ -464,12 +553,16 @@ def sweep_markdown(summary: dict, heading: str = "#") -> str:
              f"(never the test task) by {metric}; `best` = the {direction} {metric} of each variant "
              f"(a variant is one combination of {', '.join(keys) if keys else 'the grid keys'} other than "
              "learning_rate).", "",
+             *([f"Each point trained on seeds {', '.join(map(str, seeds))}: {metric} is the mean over seeds ± their "
+                f"standard deviation [range], and `best` is chosen on the mean among points whose every seed "
+                "finished; the other columns are means over seeds.", ""] if seeds else []),
              "| " + " | ".join(["learning_rate", *keys, metric]
                                 + ([] if metric == "eval_loss" else ["eval_loss"])
                                 + ["val. token acc.", "train loss", "train time (s)", "best"]) + " |",
              "|" + "---|" * (len(keys) + 6 + (metric != "eval_loss"))]
     for r in sorted(rows, key=lambda r: (r["variant"], r["learning_rate"] or 0)):
-        cells = [_fmt(r["learning_rate"], 3), *[r["settings"][k] for k in keys], _fmt(r.get(metric))]
+        cells = [_fmt(r["learning_rate"], 3), *[r["settings"][k] for k in keys],
+                 _seed_cell(r, metric, len(seeds)) if seeds else _fmt(r.get(metric))]
         if metric != "eval_loss":
             cells.append(_fmt(r["eval_loss"]))
         cells += [_fmt(r["eval_mean_token_accuracy"]), _fmt(r["train_loss"]), _fmt(r["train_runtime_s"], 3),
@@ -483,6 +576,15 @@ def sweep_markdown(summary: dict, heading: str = "#") -> str:
         lines += ["", f"![{metric} vs learning rate]({summary['plot']})"]
     lines += ["", f"Flags for every point: `{shlex.join(summary['flags'])}`" if summary["flags"] else "", ""]
     return "\n".join(lines)
+
+
+def _seed_cell(row: dict, metric: str, n_seeds: int) -> str:
+    """"0.4123 ± 0.0131 [0.3999, 0.4261]" over the seeds; a point with seeds still missing shows how many finished."""
+    if row.get(metric) is None:
+        return f"— ({row['n_seeds']}/{n_seeds} seeds)"
+    sd = row.get(f"{metric}_sd")
+    spread = f" ± {_fmt(sd, 3)}" if sd is not None else ""
+    return f"{_fmt(row[metric])}{spread} [{_fmt(row[f'{metric}_min'])}, {_fmt(row[f'{metric}_max'])}]"
 
 
 def log_scale_if_wide(ax, values: list[float]) -> None:
@@ -513,6 +615,9 @@ def _plot(rows: list[dict], metric: str, path: Path) -> Path | None:
         color = cmap(i % cmap.N)
         ax.plot([r["learning_rate"] for r in mine], [r[metric] for r in mine], marker="o", color=color,
                 label=variant or "all points")
+        spread = [r for r in mine if r.get(f"{metric}_min") is not None]  # a seeded sweep: the range over seeds
+        ax.vlines([r["learning_rate"] for r in spread], [r[f"{metric}_min"] for r in spread],
+                  [r[f"{metric}_max"] for r in spread], color=color, alpha=0.6)
         for r in mine:
             if r["best"]:
                 ax.plot(r["learning_rate"], r[metric], marker="*", markersize=16, color=color,
@@ -549,6 +654,8 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--out", help="sweep folder: points/<name>/ per point, logs/, sweep.json, sweep.md, sweep.png")
     p.add_argument("--metric", default=None, help="validation metric that ranks the points (default eval_loss; "
                    "also eval_mean_token_accuracy)")
+    p.add_argument("--seeds", metavar="S1,S2,...", help="train every point once per training seed (e.g. 42,43,44); "
+                   "a point's metric is the mean over its seeds, and the best point is chosen on that mean")
     p.add_argument("--plan", action="store_true", help="train nothing: print one launch command per point and "
                    "write OUT/sweep_array.sbatch")
     p.add_argument("--collect", metavar="DIR", help="build the table, JSON and plot of a sweep from its finished points")
@@ -562,7 +669,7 @@ def cli_main(argv: list[str]) -> int:
                    help="an #SBATCH line for --plan's script, e.g. '--gres=gpu:8' (repeatable)")
     ns, extra = p.parse_known_args(argv)
     if ns.collect:
-        if ns.config or ns.grid or ns.plan:
+        if ns.config or ns.grid or ns.plan or ns.seeds:
             raise SfnError("--collect DIR reads a finished or planned sweep: give it alone (with --metric at most).")
         result = collect(ns.collect, ns.metric)
         print(Path(result["markdown"]).read_text())
@@ -572,10 +679,10 @@ def cli_main(argv: list[str]) -> int:
     metric = ns.metric or "eval_loss"
     if ns.plan:
         planned = plan_sweep(ns.config, ns.grid, ns.out, extra, metric=metric, launcher=ns.launcher,
-                             sbatch_options=ns.sbatch_option)
+                             sbatch_options=ns.sbatch_option, seeds=parse_seeds(ns.seeds))
         print("\n".join(planned["commands"]))
         print(memory_lines(planned, ns.launcher, ns.nproc, ns.gpu_memory))
         print(f"# slurm array script: {planned['sbatch']}   afterwards: sfn sweep --collect {ns.out}")
         return 0
-    run_sweep(ns.config, ns.grid, ns.out, extra, metric=metric, launcher=ns.launcher)
+    run_sweep(ns.config, ns.grid, ns.out, extra, metric=metric, launcher=ns.launcher, seeds=parse_seeds(ns.seeds))
     return 0

@@ -181,3 +181,58 @@ def test_plan_prints_commands_that_launch_and_collect_reads_them(tmp_path, qwen2
     for entry in summary["points"]:  # what ran is what was printed
         launched, printed = shlex.split(_manifest(out, entry["name"])["command"]), shlex.split(entry["command"])
         assert launched[launched.index("--config"):] == printed[printed.index("--config"):]
+
+
+def test_seeded_grid_and_the_best_point_on_the_mean_over_seeds():
+    from sfn_train.sweep import parse_seeds, seed_points
+
+    points = grid_points(parse_grid(["learning_rate=1e-3,1e-2"]), parse_seeds("42,7"))
+    assert [p.name for p in points] == ["learning_rate-1e-3__seed-42", "learning_rate-1e-3__seed-7",
+                                        "learning_rate-1e-2__seed-42", "learning_rate-1e-2__seed-7"]
+    assert points[1].flags() == ["--learning_rate", "1e-3", "--seed", "7"] and points[1].point == "learning_rate-1e-3"
+    # 1e-2 has the single best run (0.1) but the worse mean; 3e-2 has the best run of all but one seed missing
+    losses = {("1e-3", 42): 0.40, ("1e-3", 7): 0.42, ("1e-2", 42): 0.10, ("1e-2", 7): 0.90, ("3e-2", 42): 0.05}
+    rows = [{"name": f"lr{lr}__seed-{s}", "point": f"lr{lr}", "seed": s, "settings": {"learning_rate": lr},
+             "variant": "", "learning_rate": float(lr), "status": "done", "eval_loss": v,
+             "eval_mean_token_accuracy": 0.5, "train_loss": 1.0, "train_runtime_s": 2.0, "validation_rows": 8,
+             "train_rows": 24} for (lr, s), v in losses.items()]
+    rows.append({**rows[-1], "name": "lr3e-2__seed-7", "seed": 7, "status": "missing", "eval_loss": None})
+    ranked = {r["name"]: r for r in seed_points(rows, "eval_loss", [42, 7])}
+    assert ranked["lr1e-3"]["eval_loss"] == pytest.approx(0.41) and ranked["lr1e-2"]["eval_loss"] == pytest.approx(0.5)
+    assert ranked["lr1e-2"]["eval_loss_sd"] == pytest.approx(0.8 / math.sqrt(2))
+    assert (ranked["lr1e-2"]["eval_loss_min"], ranked["lr1e-2"]["eval_loss_max"]) == (0.1, 0.9)
+    assert ranked["lr3e-2"]["eval_loss"] is None and ranked["lr3e-2"]["n_seeds"] == 1
+    assert choose_best(list(ranked.values()), "eval_loss")[""]["name"] == "lr1e-3"
+    with pytest.raises(SfnError, match="repeats a seed"):
+        parse_seeds("1,1")
+    with pytest.raises(SfnError, match="whole numbers"):
+        parse_seeds("1,x")
+
+
+@pytest.mark.slow
+def test_seeded_sweep_trains_each_point_per_seed_and_resumes_per_seed(tmp_path, qwen2_base, sum_data):
+    """Three tiny runs: one point on seeds 1 and 2, then seed 3 added (the choice on the mean: the test above)."""
+    from sfn_train.sweep import run_sweep
+
+    recipe = train_recipe(tmp_path, qwen2_base, sum_data, max_steps=2, validation_fraction=0.25,
+                          per_device_eval_batch_size=8)
+    out = tmp_path / "sweep"
+    result = run_sweep(str(recipe), ["learning_rate=1e-1"], out, seeds=[1, 2], log=lambda _: None)
+    runs = {r["seed"]: r for r in result["rows"]}
+    assert sorted(runs) == [1, 2] and all(r["status"] == "done" for r in runs.values())
+    for seed, r in runs.items():  # each run trained at its own seed, and its manifest says so
+        assert _manifest(out, r["name"])["recipe"]["training"]["seed"] == seed
+    assert runs[1]["eval_loss"] != runs[2]["eval_loss"]  # the seed changed the run
+    (point,) = result["seed_points"]
+    assert point["eval_loss"] == pytest.approx((runs[1]["eval_loss"] + runs[2]["eval_loss"]) / 2)
+    assert result["best"][""] is point and point["n_seeds"] == 2
+    assert "Each point trained on seeds 1, 2" in (out / "sweep.md").read_text()
+    record = json.loads((out / "points" / "learning_rate-1e-1__seed-2" / "sfn_sweep.json").read_text())
+    assert record["best"] and record["value"] == pytest.approx(point["eval_loss"]) and record["n_seeds"] == 2
+    assert record["run_value"] == runs[2]["eval_loss"]
+
+    # one more seed: only the new (point, seed) run trains
+    said = []
+    result = run_sweep(str(recipe), ["learning_rate=1e-1"], out, seeds=[1, 2, 3], log=said.append)
+    trained = [line for line in said if ": training (" in line]
+    assert len(trained) == 1 and "seed=3" in trained[0] and result["seed_points"][0]["n_seeds"] == 3

@@ -34,6 +34,8 @@ def training_provenance(model_path: str | None) -> dict | None:
         tried = sorted(t["learning_rate"] for t in sweep.get("tried", []) if t.get("learning_rate") is not None)
         rates = ", ".join(f"{r:g}" for r in tried)
         direction = "highest" if sweep.get("greater_is_better") else "lowest"
+        if sweep.get("n_seeds"):  # a seeded sweep: the value is the point's mean over its seeds
+            direction = f"{direction} mean over {sweep['n_seeds']} seeds of"
         if sweep.get("best"):
             how = (f"sweep: {direction} validation {sweep['metric']} ({sweep['value']:.4g}) of {len(tried)} rates "
                    f"({rates}) in {sweep['sweep']}")
