@@ -16,8 +16,6 @@ already trained; and every rank of a distributed run sees the same order.
 
 from __future__ import annotations
 
-import math
-
 LENGTH_BUCKETS = "length_buckets"  # the train_sampling_strategy value sfn resolves to (not a transformers value)
 
 
@@ -64,24 +62,3 @@ class LengthBucketSampler:
         order = length_bucket_order(self.lengths, self.batch_size, generator)
         self.epoch = epoch + 1  # the next epoch's order differs even where nobody calls set_epoch
         return iter(order)
-
-
-def sft_trainer_class(base=None):
-    """`base` (TRL's SFTTrainer or a subclass of it), sampling length buckets when `train_sampling_strategy`
-    resolved to LENGTH_BUCKETS."""
-    if base is None:
-        from trl import SFTTrainer as base
-
-    class SfnSFTTrainer(base):
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = self.train_dataset if train_dataset is None else train_dataset
-            if self.args.train_sampling_strategy != LENGTH_BUCKETS:
-                return super()._get_train_sampler(train_dataset)
-            lengths = [len(ids) for ids in dataset["input_ids"]]
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            # the epoch being started: state.epoch is k exactly at the end of epoch k-1, and within epoch k (from
-            # the checkpoint's trainer_state) when a run resumes there
-            return LengthBucketSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                       seed, current_epoch=lambda: math.floor(self.state.epoch or 0))
-
-    return SfnSFTTrainer

@@ -11,8 +11,9 @@ ZeRO-3) and compared with the request; the result goes into the manifest.
 
 FSDP2 on CPU: accelerate's FSDP2 code (`fsdp2_prepare_model`: `fully_shard` per decoder layer, fp32 masters for
 trainable tensors only, gathered `get_state_dict`, sharded or full checkpoints) runs on CPU with gloo unchanged; only
-the gate in `AcceleratorState` keeps it off. `SfnTrainer` opens that gate for FSDP version 2 on CPU, in the same way
-accelerate itself switches a CPU state to DeepSpeed, so CPU runs and tests take the code path GPU runs take.
+the gate in `AcceleratorState` keeps it off. `SfnTrainer` (sfn_train/trainer.py) opens that gate for FSDP version 2
+on CPU, in the same way accelerate itself switches a CPU state to DeepSpeed, so CPU runs and tests take the code path
+GPU runs take.
 """
 
 from __future__ import annotations
@@ -260,20 +261,8 @@ def set_world_of_one() -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The Trainer, with FSDP2 on CPU
+# FSDP2 on CPU (SfnTrainer switches it on) and the final save
 # --------------------------------------------------------------------------------------------------------------------
-def trainer_class():
-    """TRL's SFTTrainer, taking FSDP2 on CPU instead of dropping it (see the module docstring)."""
-    from trl import SFTTrainer
-
-    class SfnTrainer(SFTTrainer):
-        def create_accelerator_and_postprocess(self):
-            super().create_accelerator_and_postprocess()
-            enable_fsdp2_on_cpu(self)
-
-    return SfnTrainer
-
-
 def enable_fsdp2_on_cpu(trainer) -> bool:
     """Switch a CPU (gloo) accelerator state to FSDP when FSDP2 was asked for; True if it did.
 
@@ -417,40 +406,3 @@ def mismatch(request: EngineRequest, found: dict) -> str | None:
     if asked.startswith("fsdp") and got in ("ddp", "unwrapped"):
         why += " (no parameter is a sharded DTensor: the FSDP settings were dropped)"
     return why
-
-
-def engine_check_callback(trainer, request: EngineRequest):
-    """A callback that, at the start of training, reads the engine in effect, refuses a mismatch and counts steps."""
-    from transformers import TrainerCallback
-
-    class EngineCheck(TrainerCallback):
-        def __init__(self):
-            self.found: dict | None = None
-            self.start_step = 0
-            self.steps_run = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.found = engine_in_effect(trainer)
-            self.start_step = state.global_step
-            problem = mismatch(request, self.found)
-            if problem:
-                raise SfnError(f"{problem}: stopped before the first step. Use the engine named, or remove it from the "
-                               "recipe/launcher to train as it would.")
-            detail = ""
-            if "sharded_dtensor_params" in self.found:
-                detail = f", {self.found['sharded_dtensor_params']} of {self.found['parameter_tensors']} parameter " \
-                         "tensors sharded as DTensors"
-            elif "partitioned_params" in self.found:
-                detail = f", {self.found['partitioned_params']} of {self.found['parameter_tensors']} parameter " \
-                         "tensors partitioned"
-            logger.info("engine in effect: %s on %d process(es)%s.", self.found["engine"], self.found["processes"],
-                        detail)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.steps_run += 1
-
-        def record(self) -> dict:
-            return {"requested": request.to_dict(), "in_effect": self.found,
-                    "steps": {"resumed_at": self.start_step, "run_in_this_process": self.steps_run}}
-
-    return EngineCheck()

@@ -14,19 +14,16 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .engine import (
-    cast_saved_tensors,
-    check_engine,
-    engine_check_callback,
-    final_save_gathered,
-    trainer_class,
-    warn_fsdp_low_precision,
-)
+from .engine import EngineRequest, cast_saved_tensors, check_engine, final_save_gathered, warn_fsdp_low_precision
 from .errors import SfnError, disk_full_error, is_disk_full
 from .honoured import apply_recipe_aliases
 from .lean_imports import KEEP_ENV
+from .manifest import MANIFEST_FILE, write_json
 from .outputs import (
     Selection,
     base_fingerprint,
@@ -36,17 +33,14 @@ from .outputs import (
     save_full_precision,
     write_plugin_from_checkpoint,
 )
-from .precision import full_precision_tensors, keep_fp32_masters, precision_record, restore_loaded_dtypes
-from .rerun import check_resume_recipe, plan_output_dir, release_replaced, take_output_dir
+from .precision import Masters, full_precision_tensors, keep_fp32_masters, restore_loaded_dtypes
+from .rerun import OutputPlan, check_resume_recipe, plan_output_dir, release_replaced, take_output_dir
 from .startup import check_run_setup, init_distributed, resolve_attention, setup_logging
 from .stop_tokens import match_stop_tokens
 
 logger = logging.getLogger("sfn_train")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Model, selection, data
-# --------------------------------------------------------------------------------------------------------------------
 def load_train_tokenizer(model_args, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -186,22 +180,6 @@ def check_lengths(dataset, validation, tokenizer, training_args, sfn_args):
     return dataset, validation, counts
 
 
-def precision_probe(model, trainable, masters, training_args):
-    """A callback that reads the dtypes in effect once training begins (after DeepSpeed has cast the model)."""
-    from transformers import TrainerCallback
-
-    class _PrecisionProbe(TrainerCallback):
-        record: dict | None = None
-
-        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-            self.record = precision_record(model, trainable, masters, training_args, optimizer)
-            logger.info("precision in effect: trained %s, frozen %s, optimizer %s, mixed precision %s",
-                        self.record["trainable_dtypes"], self.record["frozen_dtypes"],
-                        self.record["optimizer_param_dtypes"], self.record["mixed_precision"] or "off")
-
-    return _PrecisionProbe()
-
-
 def peak_gpu_memory() -> dict:
     """This process's peak GPU allocation during the run (the study's Table 2 reports it); nothing on a CPU."""
     import torch
@@ -237,71 +215,115 @@ def check_assistant_masks(tokenizer) -> None:
 
 
 def build_trainer(model, training_args, train_dataset, tokenizer, callbacks=None, eval_dataset=None):
-    """The engine's trainer (TRL's SFTTrainer, FSDP2 on CPU kept: engine.py), sampling length buckets where
-    resolve_batching chose them (sfn_train/batching.py)."""
-    from .batching import sft_trainer_class
+    """The run's trainer: TRL's SFTTrainer with FSDP2 on CPU kept and length buckets where resolve_batching chose
+    them (sfn_train/trainer.py)."""
+    from .trainer import SfnTrainer
 
-    return sft_trainer_class(trainer_class())(model=model, args=training_args, train_dataset=train_dataset,
-                                              eval_dataset=eval_dataset, processing_class=tokenizer,
-                                              callbacks=callbacks)
+    return SfnTrainer(model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                      processing_class=tokenizer, callbacks=callbacks)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# main
+# A run: set up, train, save
 # --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What the set-up of a run checked, decided and loaded; training and saving read it."""
+
+    args: tuple  # (script_args, training_args, model_args, sfn_args)
+    engine: EngineRequest
+    plan: OutputPlan  # new, resume, start over or replace (sfn_train/rerun.py)
+    attention: dict
+    memory_plan: dict | None
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any
+    row_counts: dict
+    model: Any
+    selection: Selection
+    masters: Masters
+    loaded_dtypes: dict  # trained tensor name -> dtype as loaded (the saved checkpoint keeps these)
+    fingerprint: dict | None
+    state: Any  # accelerate's PartialState
+    output_dir: Path
+
+    @property
+    def training_args(self):
+        return self.args[1]
+
+    @property
+    def resume(self) -> str | None:
+        return self.plan.resume
+
+    @property
+    def quantized(self) -> bool:
+        return self.args[3].quantize_frozen != "none"
+
+
 def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) -> Path:
     """Train the selected modules; return the output folder. `callbacks` go to the Trainer (TrainerCallback)."""
+    run = setup_run(script_args, training_args, model_args, sfn_args)
+    trainer, metrics, records = train_run(run, callbacks)
+    save_run(run, trainer, metrics, records)
+    return run.output_dir
+
+
+def setup_run(script_args, training_args, model_args, sfn_args) -> Run:
+    """Checks and start-up decisions before anything loads; then tokenizer and data (checked before the model, which
+    may take minutes to load), model and selection; the manifest (status "running") once every rank got that far."""
     from accelerate import PartialState
     from transformers import set_seed
 
     from .lean_imports import blocked_packages
-    from .manifest import MANIFEST_FILE, write_json
 
     setup_logging(training_args)
     if blocked_packages():
         logger.info("kept out of this process (unused by training): %s; %s=1 keeps them",
                     ", ".join(blocked_packages()), KEEP_ENV)
-    args = (script_args, training_args, model_args, sfn_args)
-
-    ################
-    # Checks and start-up decisions (before anything is loaded or written)
-    ################
     if not model_args.model_name_or_path:
         raise SfnError("model_name_or_path is not set: give a local checkpoint folder or a hub id.")
+    args = (script_args, training_args, model_args, sfn_args)
     apply_recipe_aliases(*args)  # TRL keys sfn does not use: mapped (load_in_4bit) or refused, sfn_train/honoured.py
     check_run_setup(training_args, model_args, sfn_args)
     engine = check_engine(training_args, sfn_args)
     plan = plan_output_dir(training_args, sfn_args)  # new, resume, start over or replace: sfn_train/rerun.py
-    resume = plan.resume
     attention = resolve_attention(model_args, training_args)
-    if resume is not None:
-        check_resume_recipe(resume, recipe_record(args))
+    if plan.resume is not None:
+        check_resume_recipe(plan.resume, recipe_record(args))
     init_distributed(training_args)
     set_seed(training_args.seed)
     memory_plan = start_up_memory_plan(training_args, model_args, sfn_args, attention)
 
-    ################
-    # Tokenizer and dataset (checked before the model, which may take minutes to load)
-    ################
     # trust_remote_code stays False unless the recipe sets it: loading a checkpoint must not run its code.
     tokenizer = load_train_tokenizer(model_args, training_args.trust_remote_code)
     train_dataset, eval_dataset, row_counts = load_datasets(script_args, training_args, sfn_args, tokenizer)
-
-    ################
-    # Model and selection
-    ################
     model = load_model(model_args, training_args.trust_remote_code)
     row_counts["stop_tokens"] = match_stop_tokens(model, tokenizer)  # the template's end of turn stops generation
+    selection, masters, loaded_dtypes = prepare_model(model, training_args, sfn_args)
+
+    output_dir = Path(training_args.output_dir)
+    state = PartialState()
+    fingerprint = base_fingerprint(model_args) if state.is_main_process else None
+    state.wait_for_everyone()
+    run = Run(args, engine, plan, attention, memory_plan, tokenizer, train_dataset, eval_dataset, row_counts, model,
+              selection, masters, loaded_dtypes, fingerprint, state, output_dir)
+    if state.is_main_process:
+        take_output_dir(plan)
+        write_manifest(run, "running", engine={"requested": engine.to_dict()})
+    return run
+
+
+def prepare_model(model, training_args, sfn_args):
+    """Freeze all but the selection, quantize the frozen linear layers if asked, keep fp32 masters of bf16/fp16
+    trained tensors (sfn_train/precision.py); returns (selection, masters, the trained tensors' loaded dtypes)."""
     selection = freeze(model, sfn_args)
-    quantized = sfn_args.quantize_frozen != "none"
-    if quantized:
+    if sfn_args.quantize_frozen != "none":
         # The frozen linear layers become bitsandbytes layers on the training device; the trained ones,
         # embeddings, norms and lm_head stay as loaded. Why this way into the Trainer: sfn_train/quantize.py.
         from .quantize import quantize_frozen
 
         selection.quantize_frozen = quantize_frozen(model, selection.trainable_tensors, sfn_args.quantize_frozen,
                                                     training_args.device)
-    # bf16/fp16 trained tensors become fp32 master weights (outside DeepSpeed, which keeps its own): sfn_train/precision.py
     # FSDP leaves masters to accelerate (fp32 copies of the trained tensors under bf16/fp16 mixed precision): the
     # saved checkpoint gets them back in these, the loaded dtypes; the plugin keeps the fp32 masters.
     loaded_dtypes = {n: p.dtype for n, p in model.named_parameters() if n in set(selection.trainable_tensors)}
@@ -309,96 +331,102 @@ def run_sft(script_args, training_args, model_args, sfn_args, callbacks=None) ->
     if masters.engine == "fsdp":
         warn_fsdp_low_precision(loaded_dtypes, training_args)
     configure_activation_checkpointing(model, training_args)
+    return selection, masters, loaded_dtypes
 
-    ################
-    # Manifest, written once every rank has passed the checks above
-    ################
-    output_dir = Path(training_args.output_dir)
-    state = PartialState()
-    fingerprint = base_fingerprint(model_args) if state.is_main_process else None
-    state.wait_for_everyone()
-    if state.is_main_process:
-        take_output_dir(plan)
-        write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "running",
-                                                              engine={"requested": engine.to_dict()}))
 
-    ################
-    # Training (the engine in effect is read from the live model at the first step, and must be the one asked for)
-    ################
-    precision = precision_probe(model, selection.trainable_tensors, masters, training_args)
+def train_run(run: Run, callbacks=None):
+    """Train; returns (trainer, metrics, records of the precision and the engine in effect). The engine in effect is
+    read from the live model at the first step, and must be the one asked for (sfn_train/callbacks.py)."""
+    from .callbacks import EngineCheck, PrecisionProbe
+
+    model, training_args = run.model, run.training_args
+    precision = PrecisionProbe(model, run.selection.trainable_tensors, run.masters, training_args)
     router_logits_as_loaded = getattr(model.config.get_text_config(), "output_router_logits", None)
-    trainer = build_trainer(model, training_args, train_dataset, tokenizer, [precision, *(callbacks or [])],
-                            eval_dataset=eval_dataset)
-    attention["padding_free"] = bool(getattr(trainer.data_collator, "padding_free", False))  # the live collator's
-    engine_check = engine_check_callback(trainer, engine)
+    trainer = build_trainer(model, training_args, run.train_dataset, run.tokenizer, [precision, *(callbacks or [])],
+                            eval_dataset=run.eval_dataset)
+    run.attention["padding_free"] = bool(getattr(trainer.data_collator, "padding_free", False))  # the live collator's
+    engine_check = EngineCheck(trainer, run.engine)
     trainer.add_callback(engine_check)
     log_router_aux_loss(trainer)
     started = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except ValueError as exc:
-        if "No valid checkpoint" in str(exc):
-            raise SfnError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-* folder: "
-                           "start without resuming.") from None
-        raise
-    except Exception as exc:  # reliability: a full disk while saving a checkpoint-N is one line, not a traceback
-        if is_disk_full(exc, output_dir):
-            raise disk_full_error(output_dir, "a half-written checkpoint-* there is skipped when you resume") from None
-        raise
-    metrics = {**result.metrics, "wall_s": time.perf_counter() - started, **peak_gpu_memory(), **row_counts}
-    if memory_plan is not None:
+    with training_errors(run.output_dir):
+        result = trainer.train(resume_from_checkpoint=run.resume)
+    metrics = {**result.metrics, "wall_s": time.perf_counter() - started, **peak_gpu_memory(), **run.row_counts}
+    if run.memory_plan is not None:
         from .memory.plan import run_memory_record
 
-        metrics["memory"] = run_memory_record(memory_plan)
-    if eval_dataset is not None:  # the validation split is always scored on the final weights (sweeps rank on it)
+        metrics["memory"] = run_memory_record(run.memory_plan)
+    if run.eval_dataset is not None:  # the validation split is always scored on the final weights (sweeps rank on it)
         metrics.update(trainer.evaluate())
     if getattr(trainer, "aux_loss_enabled", False):
         metrics["router_aux_loss_coef"] = trainer.router_aux_loss_coef
         # TRL turned the config's output_router_logits on for training; saved on, every forward of the fine-tune
         # (generation too) would compute the auxiliary loss. The checkpoint keeps the base's setting.
         model.config.get_text_config().output_router_logits = router_logits_as_loaded
-    if resume is not None:
+    if run.resume is not None:
         logger.info("resumed at step %d; ran %d optimizer steps", engine_check.start_step, engine_check.steps_run)
+    return trainer, metrics, {"precision": precision.record, "engine": engine_check.record()}
 
-    ################
-    # Save model, plugin and manifest. Order matters: weights, then the plugin (atomic), and only then the manifest
-    # (atomic) with status "complete"; a run killed or out of disk before that leaves status "running".
-    ################
+
+@contextmanager
+def training_errors(output_dir: Path):
+    """The training failures a user can act on, as one line: resuming where no checkpoint is complete, and a full disk
+    while a checkpoint-N is saved."""
+    try:
+        yield
+    except ValueError as exc:
+        if "No valid checkpoint" in str(exc):
+            raise SfnError(f"resume_from_checkpoint: true, but {output_dir} holds no complete checkpoint-* folder: "
+                           "start without resuming.") from None
+        raise
+    except Exception as exc:
+        if is_disk_full(exc, output_dir):
+            raise disk_full_error(output_dir, "a half-written checkpoint-* there is skipped when you resume") from None
+        raise
+
+
+def save_run(run: Run, trainer, metrics: dict, records: dict) -> None:
+    """Save model, plugin and manifest. Order matters: weights, then the plugin (atomic), and only then the manifest
+    (atomic) with status "complete"; a run killed or out of disk before that leaves status "running"."""
+    model, selection, masters, output_dir = run.model, run.selection, run.masters, run.output_dir
     try:
         final_save_gathered(trainer)
         # The plugin gets the full-precision (fp32 master) tensors; the checkpoint the loaded dtype, like the base.
         plugin_tensors = full_precision_tensors(model, selection.trainable_tensors, masters,
                                                 keep=trainer.is_world_process_zero())
         restore_loaded_dtypes(model, masters)
-        if not quantized:  # a quantized model is never saved as it is: see save_full_precision below
+        if not run.quantized:  # a quantized model is never saved as it is: see save_full_precision below
             trainer.save_model(str(output_dir))
         trainer.save_state()  # trainer_state.json: the loss curve (log_history), as JSON
-        state.wait_for_everyone()
+        run.state.wait_for_everyone()
         if trainer.is_world_process_zero():
             # The Trainer pickles its arguments next to the weights; the manifest records them as JSON instead.
             (output_dir / "training_args.bin").unlink(missing_ok=True)
-            if quantized:
+            if run.quantized:
                 # The trained tensors in full precision as the plugin, and the output checkpoint rebuilt
                 # from the unquantized base's own files with them in place (loads without bitsandbytes).
-                save_full_precision(model, selection, output_dir, model_args.model_name_or_path, fingerprint,
-                                    tokenizer, tensors=plugin_tensors)
+                save_full_precision(model, selection, output_dir, run.args[2].model_name_or_path, run.fingerprint,
+                                    run.tokenizer, tensors=plugin_tensors)
                 model.generation_config.save_pretrained(output_dir)  # the run's (stop tokens), not the base's
             else:
-                write_plugin_from_checkpoint(output_dir, selection, fingerprint, tensors=plugin_tensors, model=model)
+                write_plugin_from_checkpoint(output_dir, selection, run.fingerprint, tensors=plugin_tensors,
+                                             model=model)
                 if masters.engine == "fsdp":
-                    cast_saved_tensors(output_dir, loaded_dtypes, model=model)
-            write_json(output_dir / MANIFEST_FILE, build_manifest(args, selection, attention, fingerprint, "complete",
-                                                                  metrics, precision=precision.record,
-                                                                  engine=engine_check.record()))
-            release_replaced(plan)
+                    cast_saved_tensors(output_dir, run.loaded_dtypes, model=model)
+            write_manifest(run, "complete", metrics, precision=records["precision"], engine=records["engine"])
+            release_replaced(run.plan)
             logger.info("saved %s and manifest to %s", "checkpoint" if plugin_skip_reason(selection) else
                         "checkpoint, plugin", output_dir)
-    except Exception as exc:  # reliability: a full disk during the final save is one line; status stays "running"
+    except Exception as exc:  # a full disk during the final save is one line; the manifest keeps status "running"
         if is_disk_full(exc, output_dir):
             raise disk_full_error(output_dir, f"{MANIFEST_FILE} there keeps status running (not complete)") from None
         raise
-    state.wait_for_everyone()
-    return output_dir
+    run.state.wait_for_everyone()
+
+
+def write_manifest(run: Run, status: str, metrics: dict | None = None, **record) -> None:
+    write_json(run.output_dir / MANIFEST_FILE, build_manifest(run.args, run.selection, run.attention, run.fingerprint,
+                                                              status, metrics, **record))
 
 
 def cli_main(argv: list[str]) -> int:
