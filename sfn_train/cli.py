@@ -30,21 +30,40 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: sfn COMMAND [args] [--debug]", "", "commands:"]
+    lines = ["usage: sfn COMMAND [args] [--debug]     sfn --version     sfn COMMAND --help", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("sfn-train")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(_usage())
         return 0
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"sfn {version()}")
+        return 0
+    if not argv:  # as git and pip: the usage, on stderr, and a failure status
+        print(_usage(), file=sys.stderr)
+        return 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"sfn: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        from .arguments import did_you_mean
+
+        print(f"sfn: error: unknown command {name!r}{did_you_mean([name], COMMANDS)}; choose one of: "
+              f"{', '.join(COMMANDS)} (`sfn --help` says what each does)", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
     try:

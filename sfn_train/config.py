@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 from dataclasses import dataclass, field
 
 from .errors import SfnError
@@ -113,125 +112,14 @@ BATCHING_DEFAULTS = {"padding_free": None, "train_sampling_strategy": "auto"}
 
 
 def make_parser():
-    """The recipe parser (a `TrlParser`); built on first use so that importing this module does not import TRL."""
-    return _recipe_parser_class()()
+    """The recipe parser (a `TrlParser`, sfn_train/recipe_parser.py) over this schema, imported on first use:
+    importing this module does not import TRL."""
+    from trl import ModelConfig, ScriptArguments, SFTConfig
 
+    from .recipe_parser import RecipeParser
 
-@functools.lru_cache(maxsize=1)
-def _recipe_parser_class():
-    from trl import TrlParser
-
-    class RecipeParser(TrlParser):
-        """TrlParser over the four recipe dataclasses that reports every problem as data, never as message text.
-
-        A recipe key no dataclass field has is a set difference; a flag no option takes is what `parse_known_args`
-        leaves over; a value of the wrong kind is caught per key before parsing (`_check_value_types`); argparse's
-        own conversion of a flag fails with its `ArgumentError` (`exit_on_error=False`); and a value that a
-        dataclass's `__post_init__` refuses is traced to its key by building that dataclass with that key alone.
-        """
-
-        def __init__(self):
-            from trl import ModelConfig, ScriptArguments, SFTConfig
-
-            super().__init__((ScriptArguments, SFTConfig, ModelConfig, SfnArguments), exit_on_error=False)
-            self.set_defaults(**platform_defaults(), **BATCHING_DEFAULTS)
-
-        def error(self, message):  # argparse's remaining exits (a flag without its value, ...): one line instead
-            raise SfnError(f"{message}; see `sfn train --help` for the valid keys.")
-
-        def recipe_keys(self) -> dict:
-            """Recipe key -> its argparse action (the `--no_x` twin of a boolean shares its dest and comes second)."""
-            keys = {}
-            for action in self._actions:
-                if action.dest not in _RESERVED_KEYS:
-                    keys.setdefault(action.dest, action)
-            return keys
-
-        def parse_recipe(self, recipe: dict, flags: list[str], source: str | None) -> tuple:
-            """(script_args, training_args, model_args, sfn_args) from the recipe mapping and command-line flags."""
-            import argparse
-            import os
-
-            where = f"recipe {source}" if source else "recipe"
-            actions = self.recipe_keys()
-            unknown = [k for k in recipe if k not in actions and k != "env"]
-            if unknown:
-                raise SfnError(f"{where} has unknown key(s) {', '.join(map(_shown, unknown))}{_did_you_mean(unknown, actions)}: fix "
-                               "the spelling or remove them (`sfn train --help` lists every key).")
-            for key, value in recipe.items():
-                if key != "env":
-                    _check_text_value(where, key, value, actions[key])
-            env = recipe.get("env", {})
-            if not isinstance(env, dict):  # TrlParser's `env:` mapping: variables set before the run starts
-                raise SfnError(f"{where}: `env` takes a mapping of environment variable names to values.")
-
-            before = vars(self.parse_known_args([])[0])  # the values with no recipe and no flag
-            for name, value in env.items():
-                os.environ[str(name)] = str(value)
-            self.set_defaults_with_config(**{k: v for k, v in recipe.items() if k != "env"})
-            try:
-                namespace, rest = self.parse_known_args(flags)
-            except argparse.ArgumentError as exc:
-                raise SfnError(f"flag {exc.argument_name}: {exc.message}; see `sfn train --help`.") from None
-            stray = [r for r in rest if r.startswith("-")]
-            if stray:
-                hint = _did_you_mean([s.lstrip("-") for s in stray], actions, prefix="--")
-                raise SfnError(f"unknown flag(s) {', '.join(map(_shown, stray))}{hint}: fix the spelling (`sfn train --help` lists "
-                               "every key).")
-            if rest:
-                raise SfnError(f"unexpected value(s) {' '.join(rest)} on the command line: every value follows its "
-                               "--key (see `sfn train --help`).")
-            values = vars(namespace)
-            return tuple(self._build(dtype, values, before, where) for dtype in self.dataclass_types)
-
-        def _build(self, dtype, values: dict, before: dict, where: str):
-            import dataclasses
-
-            names = [f.name for f in dataclasses.fields(dtype) if f.init]
-            inputs = {n: values[n] for n in names if n in values}
-            try:
-                return _construct(dtype, inputs)
-            except SfnError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any refusal of a dataclass is a recipe problem
-                culprit = self._culprit(dtype, inputs, before)
-                key = f" (key `{culprit}`)" if culprit else ""
-                raise SfnError(f"invalid {where} value{key}: {type(exc).__name__}: {_first_line(exc)}; check it "
-                               "against `sfn train --help`.") from None
-
-        @staticmethod
-        def _culprit(dtype, inputs: dict, before: dict) -> str | None:
-            """The first key set by the recipe or a flag that `dtype` refuses on its own, all else left as it was."""
-            baseline = {k: before[k] for k in inputs if k in before}
-            for key, value in inputs.items():
-                if key in baseline and value == baseline[key]:
-                    continue
-                try:
-                    _construct(dtype, {**baseline, key: value})
-                except Exception:  # noqa: BLE001 - this key alone fails: it is the one to name
-                    return key
-            return None
-
-    return RecipeParser
-
-
-def _construct(dtype, inputs: dict):
-    with warnings.catch_warnings():
-        # TrainingArguments warns that SFTConfig's own `gradient_checkpointing` default is a deprecated alias.
-        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-        return dtype(**inputs)
-
-
-def _shown(key) -> str:
-    """A key as a message shows it: quoted when it is empty, padded or spans lines (a YAML key can be any text)."""
-    return key if key and key.isprintable() and key.strip() == key else repr(key)
-
-
-def _did_you_mean(unknown: list[str], known, prefix: str = "") -> str:
-    import difflib
-
-    hints = [prefix + m for u in unknown for m in difflib.get_close_matches(u, list(known), n=1)]
-    return f" (did you mean {', '.join(hints)}?)" if hints else ""
+    return RecipeParser((ScriptArguments, SFTConfig, ModelConfig, SfnArguments),
+                        {**platform_defaults(), **BATCHING_DEFAULTS}, reserved=_RESERVED_KEYS, usage=USAGE)
 
 
 def parse_recipe(argv: list[str]):
@@ -248,18 +136,7 @@ def parse_recipe(argv: list[str]):
         config = argv[at + 1]
         del argv[at : at + 2]
         recipe = _check_recipe_file(config)
-    try:
-        return make_parser().parse_recipe(recipe, argv, config)
-    except SfnError:
-        raise
-    except SystemExit as exc:  # argparse exits on its own options (e.g. a stray --help value); never exit silently
-        raise SfnError(f"the recipe or flags made the argument parser exit (status {exc.code}): check them "
-                       "against `sfn train --help`.") from None
-
-
-def _first_line(exc) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else repr(exc))[:300]
+    return make_parser().parse_recipe(recipe, argv, config)
 
 
 def _check_recipe_file(path: str) -> dict:
@@ -365,23 +242,36 @@ def _check_value_types(path: str, data: dict) -> None:
             raise SfnError(f"recipe {path}: `{key}` takes {want}, not {shown}{hint}; fix that value.")
 
 
-def _check_text_value(where: str, key: str, value, action) -> None:
-    """A text value is converted by the key's own argparse type, as argparse does for a default: check it here."""
-    import argparse
+USAGE = "sfn train --config RECIPE.yaml [--key value ...]"
+# The TRL / transformers keys most recipes set, in the order a recipe is read (`sfn train --help`; every key:
+# --help-all)
+COMMON_KEYS = ("model_name_or_path", "dataset_name", "output_dir", "learning_rate", "max_steps", "num_train_epochs",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "lr_scheduler_type",
+               "warmup_steps", "dtype", "bf16", "gradient_checkpointing", "attn_implementation", "deepspeed",
+               "save_strategy", "save_steps", "eval_strategy", "logging_steps", "seed", "report_to",
+               "resume_from_checkpoint")
 
-    if not isinstance(value, str) or not callable(action.type):
+
+def print_help(full: bool = False) -> None:
+    """`sfn train --help`: the keys sfn adds and the most-used TRL keys; `full`: every key (`--help-all`)."""
+    import dataclasses
+    import re
+
+    parser = make_parser()
+    if full:
+        parser.print_help(sys.stdout)
         return
-    try:
-        converted = action.type(value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
-        name = getattr(action.type, "__name__", "the key's type")
-        raise SfnError(f"{where}: `{key}` is {value!r}, which is not a valid {name} value; fix that value.") from None
-    if action.choices is not None and converted not in action.choices:
-        choices = [str(c) for c in action.choices]
-        listed = ", ".join(choices[:12]) + (f", ... ({len(choices)} in all, see `sfn train --help`)"
-                                             if len(choices) > 12 else "")
-        raise SfnError(f"{where}: `{key}` is {value!r}; use one of {listed}.")
+    actions = parser.recipe_keys()
 
+    def line(key: str) -> str:
+        text = " ".join(str(actions[key].help or "").split()).replace("%%", "%")
+        first = re.split(r"(?<=[a-z0-9)`])\. (?=[A-Z`])", text)[0].rstrip(".")
+        shown = f"  --{key:<28} {first}"
+        return shown if len(shown) <= 118 else shown[:114].rsplit(" ", 1)[0] + " ..."
 
-def print_help() -> None:
-    make_parser().print_help(sys.stdout)
+    sfn_keys = [f.name for f in dataclasses.fields(SfnArguments)]
+    lines = [f"usage: {USAGE}", "", "Every recipe key is also a flag (a flag overrides the recipe); keys are never "
+             "abbreviated.", "", "keys sfn-train adds:", *map(line, sfn_keys), "",
+             "most-used TRL / transformers keys:", *map(line, [k for k in COMMON_KEYS if k in actions]), "",
+             f"all {len(actions)} keys with their defaults: sfn train --help-all"]
+    print("\n".join(lines))

@@ -189,10 +189,11 @@ def normalize_modules(modules: str | Sequence[str] | None) -> list[str]:
     return entries
 
 
-def parse_layers(layers: str | int | Sequence[str | int] | None) -> list[int] | None:
+def parse_layers(layers: str | int | Sequence[str | int] | None, key: str = "trainable_layers") -> list[int] | None:
     """`"all"` (or None) -> None; `"0-11"` -> [0..11]; `[3, 5]`, `"3,5"`, `["8-15"]` -> indices.
 
-    An empty list is an error, not "all": a recipe that names no layer must not train every layer.
+    An empty list is an error, not "all": a recipe that names no layer must not train every layer. `key`: the recipe
+    key or flag the layers came from, as errors name it (`--layers` for the gadgets).
     """
     if layers is None:
         return None
@@ -202,7 +203,7 @@ def parse_layers(layers: str | int | Sequence[str | int] | None) -> list[int] | 
     for item in layers:
         items.extend(part.strip() for part in str(item).split(",") if part.strip())
     if not items:
-        raise SfnError("trainable_layers is empty: name the layers to train (`all`, a range `0-11`, or [3, 5]).")
+        raise SfnError(f"{key} is empty: name the layers to train (`all`, a range `0-11`, or [3, 5]).")
     if items == [ALL]:
         return None
     indices: set[int] = set()
@@ -210,11 +211,11 @@ def parse_layers(layers: str | int | Sequence[str | int] | None) -> list[int] | 
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
         if not match:
             raise SfnError(
-                f"trainable_layers entry {item!r} is not a layer index or range: use `all`, `0-11`, or a list like [3, 5]."
+                f"{key} entry {item!r} is not a layer index or range: use `all`, `0-11`, or a list like [3, 5]."
             )
         start, end = int(match.group(1)), int(match.group(2) or match.group(1))
         if end < start:
-            raise SfnError(f"trainable_layers range {item!r} is reversed: write it as {end}-{start}.")
+            raise SfnError(f"{key} range {item!r} is reversed: write it as {end}-{start}.")
         indices.update(range(start, end + 1))
     return sorted(indices)
 
@@ -255,6 +256,7 @@ def select_names(
     arch: str = "this model",
     aliases: dict[str, str] | None = None,
     decoder: str | None = None,
+    keys: tuple[str, str] = ("trainable_modules", "trainable_layers"),
 ) -> list[str]:
     """The tensor names selected by (modules, layers), in the order of `names`.
 
@@ -263,10 +265,12 @@ def select_names(
     norm, head) are not filtered by `layers`. `layers` numbers the decoder's stack (`decoder_stack`; `decoder` is the
     language model's module path when known): with a layer range, tensors of other stacks (a vision tower) are not
     selected. An entry that matches nothing is an error naming `arch` and listing its modules: a typo must never
-    silently train nothing.
+    silently train nothing. `keys`: what errors call the modules and the layers (the recipe keys, or the gadgets'
+    flags `--modules` / `--layers`).
     """
+    modules_key, layers_key = keys
     entries = normalize_modules(modules)
-    layer_set = parse_layers(layers)
+    layer_set = parse_layers(layers, layers_key)
     aliases = aliases or {}
     stack = None
     if layer_set is not None:
@@ -276,7 +280,7 @@ def select_names(
         if out_of_range:
             where = f" in {stack}" if len(layer_stacks(names)) > 1 else ""
             raise SfnError(
-                f"trainable_layers {out_of_range} out of range: {arch} has {n_layers} layers{where} (0-{n_layers - 1})."
+                f"{layers_key} {out_of_range} out of range: {arch} has {n_layers} layers{where} (0-{n_layers - 1})."
             )
 
     def layer_ok(name: str) -> bool:
@@ -303,13 +307,13 @@ def select_names(
             elif entry in ("gate_proj", "up_proj") and select_names_safe(names, "gate_up_proj"):
                 hint = f" {arch} holds gate and up projections as one fused tensor: use `gate_up_proj` (or `experts`)."
             raise SfnError(
-                f"trainable_modules entry {entry!r} matches no parameter of {arch}.{hint} "
+                f"{modules_key} entry {entry!r} matches no parameter of {arch}.{hint} "
                 f"Its modules are: {modules_list}"
             )
         chosen.update(h for h in hits if layer_ok(h))
     if not chosen:
         raise SfnError(
-            f"trainable_modules {entries} match no parameter inside trainable_layers {layers!r} of {arch}: "
+            f"{modules_key} {entries} match no parameter inside {layers_key} {layers!r} of {arch}: "
             "widen the layer range."
         )
     return [n for n in names if n in chosen]
@@ -335,7 +339,7 @@ def select_names_safe(names: Sequence[str], entry: str) -> list[str]:
     return [n for n in names if any(p.search(n) for p in patterns)]
 
 
-def select_parameters(model, modules="o_proj", layers=ALL) -> list[str]:
+def select_parameters(model, modules="o_proj", layers=ALL, keys=("trainable_modules", "trainable_layers")) -> list[str]:
     """Names (as `model.named_parameters()` gives them) of the parameters to train.
 
     Pure: reads names and tied-weight identity only, touches no value. Works on ZeRO-3 partitioned models too.
@@ -349,7 +353,7 @@ def select_parameters(model, modules="o_proj", layers=ALL) -> list[str]:
             canonical[id(param)] = name
     return select_names(
         list(canonical.values()), modules, layers, arch=type(model).__name__, aliases=aliases,
-        decoder=decoder_path(model),
+        decoder=decoder_path(model), keys=keys,
     )
 
 
@@ -388,12 +392,12 @@ def apply_freeze(model, trainable: Sequence[str]) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------------
 def select_cli_main(argv: list[str]) -> int:
     """`sfn select MODEL --modules o_proj --layers 0-3`: the trainable tensors, computed on a meta-device model."""
-    import argparse
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    parser = argparse.ArgumentParser(prog="sfn select", description=select_cli_main.__doc__)
+    from .arguments import ArgumentParser
+
+    parser = ArgumentParser(prog="sfn select", description=select_cli_main.__doc__)
     parser.add_argument("model", help="checkpoint folder or hub id (only its config is read)")
     parser.add_argument("--modules", default="o_proj", help="comma-separated roles or regexes, or `all`")
     parser.add_argument("--layers", default="all", help="`all`, a range `0-11`, or `3,5`")
@@ -405,7 +409,7 @@ def select_cli_main(argv: list[str]) -> int:
         raise SfnError(f"cannot read the config of {ns.model} ({str(exc).splitlines()[0][:160]}).") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=ns.trust_remote_code)
-    names = select_parameters(model, ns.modules, ns.layers)
+    names = select_parameters(model, ns.modules, ns.layers, keys=("--modules", "--layers"))
     n_train, n_total = apply_freeze(model, names)
     shapes = dict(model.named_parameters())
     for name in names:

@@ -33,7 +33,6 @@ finished, so adding a seed trains only that seed.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -47,6 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .arguments import ArgumentParser
 from .errors import SfnError
 from .manifest import MANIFEST_FILE
 
@@ -640,13 +640,10 @@ def _plot(rows: list[dict], metric: str, path: Path) -> Path | None:
 # CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise SfnError(f"{message} (see `sfn sweep --help`)")
 
 
 def cli_main(argv: list[str]) -> int:
-    p = _Parser(prog="sfn sweep", description=__doc__.split("\n")[0], allow_abbrev=False,
+    p = ArgumentParser(prog="sfn sweep", description=__doc__.split("\n")[0], allow_abbrev=False,
                 epilog="Any other --key value is a recipe flag given to every point (as in `sfn train`).")
     p.add_argument("--config", help="the recipe YAML every point trains")
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",

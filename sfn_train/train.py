@@ -433,11 +433,13 @@ def cli_main(argv: list[str]) -> int:
     from .lean_imports import keep_unused_packages_out
 
     keep_unused_packages_out()  # first, before anything imports transformers (see sfn_train/lean_imports.py)
-    from .config import parse_recipe, print_help
+    from .config import USAGE, parse_recipe, print_help
 
-    if not argv or "-h" in argv or "--help" in argv:
-        print("usage: sfn train --config RECIPE.yaml [--key value ...]   (every recipe key is also a flag)\n")
-        print_help()
+    if not argv:  # as git and pip: the usage and where help is, on stderr, and a failure status
+        print(f"usage: {USAGE}\n(sfn train --help: the main keys; --help-all: every key)", file=sys.stderr)
+        return 2
+    if {"-h", "--help", "--help-all"} & set(argv):
+        print_help(full="--help-all" in argv)
         return 0
     run_sft(*parse_recipe(argv))
     return 0

@@ -368,8 +368,8 @@ def _study(tmp_path: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"merge": [{"name": "x", "modules": ["o_proj"]}]}, "has unknown key(s) merge: the keys are base, tasks,"),
-    ({"merges": [{"name": "m1", "module": ["o_proj"]}]}, "merges[0] has unknown key(s) module: the keys are name,"),
+    ({"merge": [{"name": "x", "modules": ["o_proj"]}]}, "the study has unknown key(s) merge (did you mean merges?): the keys are base, tasks,"),
+    ({"merges": [{"name": "m1", "module": ["o_proj"]}]}, "merges[0] has unknown key(s) module (did you mean modules?): the keys are name,"),
     ({"merges": [{"name": "m1", "modules": ["o_proj"], "alpha": "half"}]},
      "merges[0].alpha takes a number, not 'half'"),
     ({"merges": [{"name": "m1", "modules": ["o_proj"], "layers": "5-2"}]}, "merges[0] (m1): trainable_layers range "),
@@ -377,7 +377,7 @@ def _study(tmp_path: Path, **changes) -> Path:
     ({"merges": [{"name": "m1", "modules": ["o_proj"], "donor": "f9"}]}, "donor 'f9' is neither `reasoning` nor"),
     ({"destroy": {"modes": ["smash"], "modules": ["o_proj"]}}, "destroy.modes ['smash']: use one or more of zero,"),
     ({"destroy": {"model": "f9", "modules": ["o_proj"]}}, "destroy.model 'f9' must be `base`, `reasoning`"),
-    ({"eval": {"sampels": 4}}, "eval has unknown key `sampels`: the keys are the `sfn eval` options ("),
+    ({"eval": {"sampels": 4}}, "eval has unknown key `sampels` (did you mean samples?): the keys are the `sfn eval` options ("),
     ({"eval": {"samples": "many"}}, "eval: argument --samples: invalid int value: 'many'"),
     ({"eval": {"temperature": -1}}, "eval: temperature -1.0 is negative"),
     ({"eval": {"out": "x"}}, "eval.out: the study sets --out itself"),

@@ -9,16 +9,12 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from ..arguments import ArgumentParser as _Parser  # errors are one SfnError line (sfn_train/arguments.py)
 from ..errors import SfnError
 from .grading import DEFAULT_TIMEOUT_S
 from .settings import PROTOCOLS
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises SfnError (one line, exit 2 through sfn's main) instead of printing usage and exiting."""
-
-    def error(self, message):
-        raise SfnError(f"{message} (see `sfn {self.prog.split()[-1]} --help`)")
 
 
 def _opt(parser, name: str, **kw):

@@ -48,7 +48,7 @@ def select(ckpt: Checkpoint, modules, layers) -> list[str]:
     aliases = {alias: names.memory_name(canon) for alias, canon in tied_aliases(ckpt.names, is_tied(ckpt)).items()}
     try:
         chosen = select_names(names.memory_names, modules, layers, arch=ckpt.arch(), aliases=aliases,
-                              decoder=names.decoder)
+                              decoder=names.decoder, keys=("--modules", "--layers"))
     except SfnError:
         _explain_stored_names(names, modules, ckpt.arch())
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from ..arguments import ArgumentParser
 from .delta import SAMPLE, delta
 from .destroy import MODES, destroy
 from .merge import merge
@@ -31,7 +32,7 @@ def _overwrite(parser: argparse.ArgumentParser) -> None:
 
 
 def delta_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sfn delta", description="Per-tensor and per-role weight change from BASE to OTHER.")
+    p = ArgumentParser(prog="sfn delta", description="Per-tensor and per-role weight change from BASE to OTHER.")
     p.add_argument("base", help="checkpoint A (folder or hub id)")
     p.add_argument("other", help="checkpoint B, e.g. the reasoning fine-tune of A")
     p.add_argument("--out", required=True, help="folder for delta.json, delta.csv and the PNGs")
@@ -47,7 +48,7 @@ def delta_main(argv: list[str]) -> int:
 
 
 def merge_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sfn merge", description="BASE with the selected modules taken from DONOR.")
+    p = ArgumentParser(prog="sfn merge", description="BASE with the selected modules taken from DONOR.")
     p.add_argument("base")
     p.add_argument("donor")
     p.add_argument("--out", required=True, help="folder for the merged checkpoint")
@@ -63,7 +64,7 @@ def merge_main(argv: list[str]) -> int:
 
 
 def destroy_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sfn destroy", description="Zero, re-initialise, remove or perturb selected modules.")
+    p = ArgumentParser(prog="sfn destroy", description="Zero, re-initialise, remove or perturb selected modules.")
     p.add_argument("model")
     p.add_argument("--out", required=True, help="folder for the damaged checkpoint")
     _selection(p, "to destroy (not with --mode remove)", modules_default=None)
@@ -82,7 +83,7 @@ def destroy_main(argv: list[str]) -> int:
 
 
 def plugin_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sfn plugin", description="Extract or apply a plugin file of selected tensors.")
+    p = ArgumentParser(prog="sfn plugin", description="Extract or apply a plugin file of selected tensors.")
     sub = p.add_subparsers(dest="action", required=True)
     ex = sub.add_parser("extract", help="the selected tensors of TUNED that differ from BASE, as one file")
     ex.add_argument("tuned")

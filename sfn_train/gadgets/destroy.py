@@ -98,7 +98,7 @@ def _resolve_std(std, ckpt: Checkpoint) -> float:
 
 
 def _removal_plan(ckpt: Checkpoint, layers, n: int) -> tuple[list[int], list[int]]:
-    drop = parse_layers(layers)
+    drop = parse_layers(layers, "--layers")
     if drop is None:
         raise SfnError("mode remove needs --layers naming the layers to drop (e.g. 5-30), not `all`.")
     outside = [i for i in drop if i >= n]

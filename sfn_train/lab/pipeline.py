@@ -13,7 +13,6 @@ on the validation rows its recipe holds out (`validation_fraction`), and the var
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..arguments import ArgumentParser
 from ..errors import SfnError
 from ..evaluation.tasks import packaged_task_file
 from .problems import REASON_STEPS, all_single_steps, fact_rows, generate, sft_rows, shipped_tasks, write_jsonl
@@ -388,7 +388,7 @@ def run_lab(root="lab", size="small", seed=42, stages=None, sweep=False, scale=N
 
 
 def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="sfn lab", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="sfn lab", description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="small",
                         help="small (default; 13 min measured, see the README), medium, large; tiny is for tests")
     parser.add_argument("--root", default="lab", help="folder for everything the lab writes (default ./lab)")

@@ -9,12 +9,12 @@ What is simulated and what is computed: sfn_train/memory/simulate.py and engines
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from dataclasses import dataclass
 
+from ..arguments import ArgumentParser
 from ..errors import SfnError
 
 GiB = 2**30
@@ -278,13 +278,10 @@ def public(plan: dict) -> dict:
     return {k: v for k, v in plan.items() if not k.startswith("_")}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise SfnError(f"{message}; see `sfn memory --help`.")
 
 
 def cli_main(argv: list[str]) -> int:
-    parser = _Parser(prog="sfn memory", description="Predict the peak memory per rank of one training step of a "
+    parser = ArgumentParser(prog="sfn memory", description="Predict the peak memory per rank of one training step of a "
                      "recipe (fake tensors: no weights, no data). Other flags are recipe overrides, as `sfn train`.")
     parser.add_argument("--config", required=True, help="the recipe YAML")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per node")

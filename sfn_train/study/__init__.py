@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..arguments import ArgumentParser
 from ..errors import SfnError
 from .schema import Study, load_study, schema_help
 
@@ -85,7 +86,7 @@ def _hardware(pipe, stage) -> str:
 
 
 def cli_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sfn study", description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="The study file's keys:\n\n" + schema_help())
     parser.add_argument("study", help="study YAML (recipes/studies/*.yaml are ready ones)")
@@ -97,11 +98,6 @@ def cli_main(argv: list[str]) -> int:
                         "training stage whose predicted peak does not fit (default 80)")
     parser.add_argument("--no-memory", action="store_true", help="--plan: skip the memory predictions (each costs "
                         "a simulated step: seconds, ~20-40 s for a 32B model)")
-
-    def fail(message):
-        raise SfnError(f"{message} (see `sfn study --help`)")
-
-    parser.error = fail
     a = parser.parse_args(argv)
     if a.plan:
         if a.stage:

@@ -30,7 +30,10 @@ def eval_flags(options: dict, where: str = "eval") -> list[str]:
         action = actions.get(dest)
         if action is None:
             known = ", ".join(sorted(d for d in actions if d not in EVAL_OWN_OPTIONS))
-            raise SfnError(f"{where} has unknown key `{key}`: the keys are the `sfn eval` options ({known}).")
+            from ..arguments import did_you_mean
+
+            hint = did_you_mean([dest], [d for d in actions if d not in EVAL_OWN_OPTIONS])
+            raise SfnError(f"{where} has unknown key `{key}`{hint}: the keys are the `sfn eval` options ({known}).")
         flag = action.option_strings[0]
         if isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):

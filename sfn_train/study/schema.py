@@ -175,8 +175,10 @@ def read_dataclass(cls, data, where: str):
     hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise SfnError(f"{where} has unknown key(s) {', '.join(map(str, unknown))}: the keys are "
-                       f"{', '.join(fields)}.")
+        from ..arguments import did_you_mean
+
+        raise SfnError(f"{where or 'the study'} has unknown key(s) {', '.join(map(str, unknown))}"
+                       f"{did_you_mean(list(map(str, unknown)), fields)}: the keys are {', '.join(fields)}.")
     values = {}
     for name, f in fields.items():
         sub = f"{where}.{name}" if where else name
