@@ -5,7 +5,7 @@ errors. Built by `config.make_parser`, which imports this module (and so TRL) on
 from __future__ import annotations
 
 import dataclasses
-
+import re
 import warnings
 
 from trl import TrlParser
@@ -26,6 +26,9 @@ class RecipeParser(SfnErrors, TrlParser):
     def __init__(self, dataclass_types: tuple, defaults: dict, reserved: set[str], usage: str | None = None):
         super().__init__(dataclass_types, prog="sfn train", usage=usage, allow_abbrev=False)
         self.set_defaults(**defaults)
+        for action in self._actions:  # argparse formats help with %: a lone % in a key's help (`1% of the rows`)
+            if action.help:              # would break `--help-all`
+                action.help = re.sub(r"%(?![%(])", "%%", action.help)
         self.reserved = set(reserved)  # argparse's own options (help, config): never recipe keys
 
     def recipe_keys(self) -> dict:
