@@ -34,6 +34,12 @@ class SfnArguments:
         default="none",
         metadata={"help": "Load frozen linear layers quantized: none, 8bit, 4bit.", "choices": list(QUANTIZE_CHOICES)},
     )
+    dataset_format: str = field(
+        default="none",
+        metadata={"help": "Build prompt/completion from a known dataset: none, or s1 (s1K / s1K-1.1 rows in s1's "
+                  "training text, <|im_start|>think ... <|im_start|>answer; see sfn_train/formats.py).",
+                  "choices": ["none", "s1"]},
+    )
     prompt_template: str | None = field(
         default=None,
         metadata={"help": "Build a `prompt` column from each row with str.format, e.g. '{question}'."},

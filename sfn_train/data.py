@@ -78,8 +78,15 @@ def _is_messages(value) -> bool:
 
 
 def prepare_dataset(dataset, *, prompt_template=None, completion_template=None, chat_template: bool = True,
-                    assistant_only_loss: bool = False):
+                    assistant_only_loss: bool = False, dataset_format: str = "none"):
     """Check every row and return a dataset in one of TRL's formats (see module docstring)."""
+    if dataset_format != "none":
+        if prompt_template or completion_template:
+            raise SfnError(f"dataset_format {dataset_format} builds prompt and completion itself; remove "
+                           "prompt_template/completion_template (or set dataset_format: none).")
+        from .formats import apply_format
+
+        dataset = apply_format(dataset, dataset_format)
     if prompt_template or completion_template:
         if not (prompt_template and completion_template):
             raise SfnError("set both prompt_template and completion_template (or neither).")

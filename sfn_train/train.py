@@ -143,7 +143,8 @@ def load_datasets(script_args, training_args, sfn_args, tokenizer):
     def prepare(data):
         return prepare_dataset(data, prompt_template=sfn_args.prompt_template,
                                completion_template=sfn_args.completion_template, chat_template=chat,
-                               assistant_only_loss=training_args.assistant_only_loss)
+                               assistant_only_loss=training_args.assistant_only_loss,
+                               dataset_format=sfn_args.dataset_format)
 
     dataset = prepare(rows)
     if validation is not None:

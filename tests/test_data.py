@@ -194,3 +194,34 @@ def test_assistant_only_loss_without_generation_markers_is_one_line(tmp_path, ca
     assert main(["train", "--config", str(recipe)]) == 2
     assert "assistant_only_loss needs a chat template with {% generation %}" in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
+
+
+S1K_ROWS = [  # s1K's columns: the trace is a list of strings, the attempt lacks "Answer:"
+    {"question": "Start at 1. Add 2.", "thinking_trajectories": ["1 and 2.", " So 3. "], "attempt": "3", "cot": None},
+    {"question": "Start at 4.", "thinking_trajectories": ["Just 4."], "attempt": "The value.\nAnswer: 4", "cot": None},
+]
+S1K_11_ROWS = [  # s1K-1.1's: one trace string, from DeepSeek-R1
+    {"question": "Start at 2. Add 5.", "deepseek_thinking_trajectory": "\n2+5 is 7.\n", "deepseek_attempt": "7",
+     "gemini_attempt": "wrong"},
+]
+
+
+@pytest.mark.parametrize("rows,completions", [
+    (S1K_ROWS, ["<|im_start|>think\n1 and 2.\n So 3.\n<|im_start|>answer\nAnswer: 3",
+                "<|im_start|>think\nJust 4.\n<|im_start|>answer\nThe value.\nAnswer: 4"]),
+    (S1K_11_ROWS, ["<|im_start|>think\n2+5 is 7.\n<|im_start|>answer\nAnswer: 7"]),
+])
+def test_dataset_format_s1_trains_s1s_text(tmp_path, qwen2_base, rows, completions):
+    """s1's data/tokenization.py: bare question as the user turn; the assistant turn <|im_start|>think, the trace,
+    <|im_start|>answer, "Answer: " + attempt (unless it says "Answer:" already); loss on the assistant turn."""
+    batch, tok = collated(tmp_path, qwen2_base, rows, dataset_format="s1")
+    expectations = dict(expected_labels([user(r["question"]), assistant(c)], {1}, tok, turn_end_newline=True)
+                        for r, c in zip(rows, completions))
+    check_labels(batch, tok, expectations)
+
+
+def test_dataset_format_s1_names_the_columns_it_needs(tmp_path, qwen2_base, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"question": "q", "solution": "s"}) + "\n")
+    assert main(["train", "--config", str(train_recipe(tmp_path, qwen2_base, data, dataset_format="s1"))]) == 2
+    assert "dataset_format s1 needs s1K's columns (question, thinking_trajectories, attempt)" in one_line_error(capsys)
