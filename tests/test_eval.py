@@ -616,3 +616,56 @@ def test_compare_plot_rows_are_grouped_and_sorted(two_results, tmp_path):
 
     result = compare(two_results, "base", tmp_path / "c.md", groups={"base": "g1", "other": "g2"})
     assert all(p.stat().st_size > 0 for p in result["plots"])
+
+
+def _fake_hub(monkeypatch, tmp_path, rows: list[dict], calls: list, error: Exception | None = None):
+    """`datasets.load_dataset` for hub ids served from a local JSONL file (no hub here), recording each call."""
+    import datasets
+
+    real = datasets.load_dataset
+    data = tmp_path / "hub_copy.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def load_dataset(path, *args, **kwargs):
+        if path in ("json", "parquet"):
+            return real(path, *args, **kwargs)
+        calls.append((path, args, kwargs))
+        if error is not None:
+            raise error
+        return real("json", data_files=str(data), split="train")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+def test_builtin_task_loads_the_revision_asked_for_and_records_it(tmp_path, monkeypatch):
+    """s1's AIME copy at a pinned revision: the revision reaches `load_dataset`, the result records it with a hash
+    of the problems; a copy without the benchmark's 30 problems is refused."""
+    from sfn_train.evaluation.tasks import load_task
+
+    rows = [{"problem": f"p{i}", "answer": i, "solution": "s", "url": "u"} for i in range(30)]
+    calls: list = []
+    _fake_hub(monkeypatch, tmp_path, rows, calls)
+    task = load_task("aime24_nofigures", revisions={"aime24_nofigures": "0123abc"}, bare=True)
+    assert calls == [("simplescaling/aime24_nofigures", (), {"split": "train", "revision": "0123abc"})]
+    described = task.describe()
+    assert (described["revision"], described["n_problems"], described["source"]) == (
+        "0123abc", 30, "hub:simplescaling/aime24_nofigures")
+    assert len(described["problems_sha256"]) == 64 and task.prompt(task.problems[3]) == "p3"
+    _fake_hub(monkeypatch, tmp_path, rows[:29], calls)
+    with pytest.raises(SfnError, match="gave 29 problems, not the benchmark's 30; pass --task-revision"):
+        load_task("aime24_nofigures")
+
+
+def test_gated_gpqa_says_how_to_get_access(tmp_path, monkeypatch, capsys):
+    from sfn_train.cli import main
+
+    gated = type("DatasetNotFoundError", (Exception,), {})(
+        "Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub. You must be authenticated to access it.")
+    _fake_hub(monkeypatch, tmp_path, [], [], error=gated)
+    assert main(["eval", str(tmp_path / "no-model"), "--task", "gpqa_diamond", "--out", str(tmp_path / "o")]) == 2
+    assert one_line_error(capsys) == (
+        "sfn eval: error: task 'gpqa_diamond': Idavidrein/gpqa is gated: accept its terms at https://huggingface.co/datasets/"
+        "Idavidrein/gpqa, then log in (huggingface-cli login, or set HF_TOKEN); or pass --task-file "
+        "gpqa_diamond=PATH.jsonl.")

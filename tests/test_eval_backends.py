@@ -299,13 +299,15 @@ def test_s1_thinking_budget_forces_final_answer(tok, qwen2_base, monkeypatch, th
 
 def test_s1_auto_thinking_budget_is_s1s_rule(tok):
     """max_new_tokens - longest prompt (before "<|im_start|>think") - len("<|im_start|>think")
-    - len("<|im_start|>answer\nFinal Answer:") - 100, over all the task's prompts; too little is one clear error."""
+    - len("<|im_start|>answer\nFinal Answer:") - 100, over all the task's prompts (a shorter context replaces
+    max_new_tokens); too little is one clear error."""
     from sfn_train.evaluation.forcing import auto_thinking_budget
 
     rows = make_rows([ids(tok, "x" * n + "<|im_start|>think") for n in (3, 17, 9)], 2)
     closing = len(ids(tok, "<|im_start|>answer\nFinal Answer:"))
     assert auto_thinking_budget(s1_settings(max_new_tokens=32768), tok, rows) == 32768 - 17 - 6 - closing - 100
     assert auto_thinking_budget(s1_settings(max_new_tokens=32768, thinking_budget=500), tok, rows) == 500
+    assert auto_thinking_budget(s1_settings(max_new_tokens=32768), tok, rows, 4096) == 4096 - 17 - 6 - closing - 100
     with pytest.raises(SfnError, match="leaves no thinking"):
         auto_thinking_budget(s1_settings(max_new_tokens=120), tok, rows)
 

@@ -42,7 +42,7 @@ def _budget(value: str):
         raise SfnError(f"--thinking-budget {value!r}: use a number of tokens or auto.") from None
 
 
-def _task_files(values: list[str] | None, tasks: list[str]) -> dict[str, str]:
+def _task_files(values: list[str] | None, tasks: list[str], flag: str = "--task-file") -> dict[str, str]:
     files = {}
     for v in values or []:
         if "=" in v:
@@ -50,7 +50,7 @@ def _task_files(values: list[str] | None, tasks: list[str]) -> dict[str, str]:
         elif len(tasks) == 1:
             name, path = tasks[0], v
         else:
-            raise SfnError(f"--task-file {v!r} must say which task it is for: --task-file NAME=PATH.")
+            raise SfnError(f"{flag} {v!r} must say which task it is for: {flag} NAME=VALUE.")
         files[name] = path
     return files
 
@@ -62,6 +62,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", required=True, help="task name (aime24, math500, gsm8k, gpqa_diamond, "
                    "registered lab_*) or a problems .jsonl; repeatable")
     _opt(p, "--task-file", action="append", help="NAME=PATH: local JSONL for a built-in task (repeatable)")
+    _opt(p, "--task-revision", action="append", help="NAME=REV: load built-in task NAME from the hub at revision REV "
+         "(a commit, tag or branch; recorded in the result); repeatable")
     _opt(p, "--answer-type", choices=["math", "choice", "exact"], help="override the task's answer type")
     p.add_argument("--out", required=True, help="a .json file (one model, one task) or a folder")
     p.add_argument("--overwrite", action="store_true", help="replace results that --out already holds")
@@ -110,7 +112,8 @@ def eval_parser() -> argparse.ArgumentParser:
 def evaluate_kwargs(a: argparse.Namespace) -> dict:
     """Parsed `sfn eval` options -> the keyword arguments of `evaluate` other than models, tasks, out and labels."""
     return dict(
-        task_files=_task_files(a.task_file, a.task), answer_type=a.answer_type,
+        task_files=_task_files(a.task_file, a.task), task_revisions=_task_files(a.task_revision, a.task, "--task-revision"),
+        answer_type=a.answer_type,
         limit=a.limit, grading_timeout=a.grading_timeout, grading_workers=a.grading_workers,
         allow_tokenizer_mismatch=a.allow_tokenizer_mismatch, progress=not a.no_progress,
         backend=a.backend, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,

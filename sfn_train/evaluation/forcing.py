@@ -9,7 +9,8 @@ the stop token is dropped, `wait_text` ("Wait") is appended and the row thinks o
 - otherwise an end-of-thinking token is kept and opens the answer (which runs until EOS); an EOS ends the row.
 
 `thinking_budget` caps the thinking tokens, forced "Wait"s included ("auto" is s1's rule: max_new_tokens minus the
-longest prompt, minus the thinking-start and budget-spent markers, minus 100 tokens left for the answer). A row that
+longest prompt, minus the thinking-start and budget-spent markers, minus 100 tokens left for the answer; a shorter
+context takes max_new_tokens' place). A row that
 reaches it is closed for it: s1 appends "\n" (unless the thinking already ends in a newline) +
 `answer_start` + `budget_spent_text` ("\nFinal Answer:"); without `answer_start` the end-of-thinking token is
 appended. One deliberate difference from s1's code: s1 asks every forcing round for the whole budget and cuts the
@@ -218,17 +219,22 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def auto_thinking_budget(settings: GenerationSettings, tokenizer, rows: list[Row]) -> int | None:
-    """The thinking budget in tokens: the number given, s1's "auto" rule, or None (no budget)."""
+def auto_thinking_budget(settings: GenerationSettings, tokenizer, rows: list[Row],
+                         context_len: int | None = None) -> int | None:
+    """The thinking budget in tokens: the number given, s1's "auto" rule, or None (no budget).
+
+    s1's rule counts from its generation budget (max_gen_toks 32768, its models' context); a context shorter than
+    max_new_tokens takes its place, so that the answer's 100 tokens still fit (Qwen2.5-Math: 4096)."""
     if settings.thinking_budget != "auto":
         return settings.thinking_budget
     start = len(_ids(tokenizer, settings.thinking_start)) if settings.thinking_start else 0
     end = len(_ids(tokenizer, (settings.answer_start or settings.end_of_thinking) + (settings.budget_spent_text or "")))
     longest = max((len(r.prompt_ids) - start for r in rows), default=0)  # s1 measures prompts before "think"
-    budget = settings.max_new_tokens - longest - start - end - 100  # s1: "Leave 100 tokens for answer"
+    total = min(settings.max_new_tokens, context_len or settings.max_new_tokens)
+    budget = total - longest - start - end - 100  # s1: "Leave 100 tokens for answer"
     if budget < 1:
-        raise SfnError(f"thinking budget 'auto' leaves no thinking: max_new_tokens {settings.max_new_tokens} minus the "
-                       f"longest prompt ({longest} tokens) and 100 tokens for the answer; raise --max-new-tokens.")
+        raise SfnError(f"thinking budget 'auto' leaves no thinking: {total} tokens (max_new_tokens or context) minus "
+                       f"the longest prompt ({longest} tokens) and 100 tokens for the answer; raise --max-new-tokens.")
     return budget
 
 
@@ -241,4 +247,4 @@ def make_forcing(tokenizer, settings: GenerationSettings, eos_ids: list[int], co
         wait=_ids(tokenizer, settings.wait_text) if settings.budget_forcing else [], end_think=end_think,
         answer=answer, spent=spent, newline=_ids(tokenizer, "\n"),
         ends_with_newline=lambda gen: bool(gen) and tokenizer.decode(gen[-1:]).endswith("\n"))
-    return Forcing(settings, eos_ids, markers, context_len, auto_thinking_budget(settings, tokenizer, rows))
+    return Forcing(settings, eos_ids, markers, context_len, auto_thinking_budget(settings, tokenizer, rows, context_len))

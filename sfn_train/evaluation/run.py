@@ -74,7 +74,7 @@ def _check_tokenizers(specs: list[ModelSpec], allow_mismatch: bool) -> dict[str,
 
 
 def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: list[str] | None = None,
-             task_files: dict[str, str] | None = None, answer_type: str | None = None, limit: int | None = None,
+             task_files: dict[str, str] | None = None, task_revisions: dict[str, str] | None = None, answer_type: str | None = None, limit: int | None = None,
              grading_timeout: float = DEFAULT_TIMEOUT_S, grading_workers: int | None = None,
              allow_tokenizer_mismatch: bool = False, progress: bool = True, command: str | None = None,
              overwrite: bool = True, **settings) -> list[Path]:
@@ -99,7 +99,7 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
         raise SfnError(f"two models share the label {next(x for x in seen if seen.count(x) > 1)!r}; "
                        "give each a distinct --label.")
     loaded = [load_task(t, task_files=task_files, answer_type=answer_type, limit=limit,
-                        bare=gen.prompts == "bare") for t in tasks]
+                        bare=gen.prompts == "bare", revisions=task_revisions) for t in tasks]
     paths = output_paths(out, specs, loaded)
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:

@@ -20,6 +20,7 @@ standard math instruction itself contains braces: `\\boxed{}`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -54,6 +55,7 @@ class Task:
     template: str
     problems: list[dict]
     source: str
+    revision: str | None = None  # the hub revision asked for (None: a local file, or the hub's default branch)
 
     def prompt(self, problem: dict) -> str:
         choices = problem.get("choices") or []
@@ -61,8 +63,10 @@ class Task:
         return self.template.replace("{problem}", str(problem["problem"])).replace("{choices}", block)
 
     def describe(self) -> dict:
+        digest = hashlib.sha256(json.dumps(self.problems, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         return {"name": self.name, "answer_type": self.answer_type, "template": self.template,
-                "source": self.source, "n_problems": len(self.problems)}
+                "source": self.source, "revision": self.revision, "n_problems": len(self.problems),
+                "problems_sha256": digest}
 
 
 @dataclass
@@ -74,7 +78,9 @@ class TaskSpec:
     template: str
     path: str | None = None
     hub: str | None = None
-    loader: Callable[[], list[dict]] | None = field(default=None, repr=False)
+    loader: Callable[..., list[dict]] | None = field(default=None, repr=False)
+    n_problems: int | None = None  # how many problems the benchmark has: a hub copy with another count is refused
+    access: str | None = None  # how to get access to a gated hub dataset
 
 
 _REGISTRY: dict[str, TaskSpec] = {}
@@ -119,22 +125,36 @@ def registered_tasks() -> list[str]:
 # Built-ins: hub rows -> {id, problem, answer, ...}
 
 
-def _hub(dataset: str, *args, split: str):
+def _hub(dataset: str, *args, split: str, revision: str | None = None):
     from datasets import load_dataset
 
-    return load_dataset(dataset, *args, split=split)
+    return load_dataset(dataset, *args, split=split, revision=revision)
 
 
-def _load_aime24() -> list[dict]:
-    rows = _hub("Maxwell-Jia/AIME_2024", split="train")
+def _load_aime24(revision=None) -> list[dict]:
+    rows = _hub("Maxwell-Jia/AIME_2024", split="train", revision=revision)
     return [{"id": str(r["ID"]), "problem": r["Problem"], "answer": str(r["Answer"]), "solution": r.get("Solution")}
             for r in rows]
 
 
-def _load_math500() -> list[dict]:
-    rows = _hub("HuggingFaceH4/MATH-500", split="test")
+def _load_aime24_nofigures(revision=None) -> list[dict]:
+    """s1's AIME 2024 copy (its task aime24_nofigures): problems whose figures are described in text."""
+    rows = _hub("simplescaling/aime24_nofigures", split="train", revision=revision)
+    return [{"id": str(r.get("id", i)), "problem": r["problem"], "answer": str(r["answer"]),
+             "solution": r.get("solution")} for i, r in enumerate(rows)]
+
+
+def _load_math500(revision=None) -> list[dict]:
+    rows = _hub("HuggingFaceH4/MATH-500", split="test", revision=revision)
     return [{"id": r["unique_id"], "problem": r["problem"], "answer": r["answer"], "solution": r["solution"]}
             for r in rows]
+
+
+def _load_openai_math(revision=None) -> list[dict]:
+    """s1's MATH-500 copy (its task openai_math): the 500 test problems of OpenAI's PRM800K split."""
+    rows = _hub("simplescaling/openaimath", split="test", revision=revision)
+    return [{"id": str(r.get("unique_id", i)), "problem": r["problem"], "answer": str(r["answer"]),
+             "solution": r.get("solution")} for i, r in enumerate(rows)]
 
 
 def gsm8k_answer(solution: str) -> str:
@@ -142,8 +162,8 @@ def gsm8k_answer(solution: str) -> str:
     return solution.split("####")[-1].strip().replace(",", "")
 
 
-def _load_gsm8k() -> list[dict]:
-    rows = _hub("openai/gsm8k", "main", split="test")
+def _load_gsm8k(revision=None) -> list[dict]:
+    rows = _hub("openai/gsm8k", "main", split="test", revision=revision)
     return [{"id": f"gsm8k-test-{i}", "problem": r["question"], "answer": gsm8k_answer(r["answer"]),
              "solution": r["answer"]} for i, r in enumerate(rows)]
 
@@ -160,8 +180,8 @@ def gpqa_choices(row: dict, index: int, seed: int = 0) -> tuple[list[str], str]:
     return [options[i] for i in order], LETTERS[order.index(0)]
 
 
-def _load_gpqa_diamond() -> list[dict]:
-    rows = _hub("Idavidrein/gpqa", "gpqa_diamond", split="train")
+def _load_gpqa_diamond(revision=None) -> list[dict]:
+    rows = _hub("Idavidrein/gpqa", "gpqa_diamond", split="train", revision=revision)
     out = []
     for i, r in enumerate(rows):
         choices, letter = gpqa_choices(r, i)
@@ -170,13 +190,18 @@ def _load_gpqa_diamond() -> list[dict]:
     return out
 
 
-for _name, _type, _hub_id, _loader in [
-    ("aime24", "math", "Maxwell-Jia/AIME_2024", _load_aime24),
-    ("math500", "math", "HuggingFaceH4/MATH-500", _load_math500),
-    ("gsm8k", "math", "openai/gsm8k (main, test)", _load_gsm8k),
-    ("gpqa_diamond", "choice", "Idavidrein/gpqa (gpqa_diamond)", _load_gpqa_diamond),
+GPQA_ACCESS = ("Idavidrein/gpqa is gated: accept its terms at https://huggingface.co/datasets/Idavidrein/gpqa, then "
+               "log in (huggingface-cli login, or set HF_TOKEN)")
+for _name, _type, _hub_id, _loader, _n, _access in [
+    ("aime24", "math", "Maxwell-Jia/AIME_2024", _load_aime24, 30, None),  # the paper's Table 1 copy
+    ("aime24_nofigures", "math", "simplescaling/aime24_nofigures", _load_aime24_nofigures, 30, None),  # s1's
+    ("math500", "math", "HuggingFaceH4/MATH-500", _load_math500, 500, None),
+    ("openai_math", "math", "simplescaling/openaimath (test)", _load_openai_math, 500, None),  # s1's MATH-500
+    ("gsm8k", "math", "openai/gsm8k (main, test)", _load_gsm8k, 1319, None),
+    ("gpqa_diamond", "choice", "Idavidrein/gpqa (gpqa_diamond)", _load_gpqa_diamond, 198, GPQA_ACCESS),
 ]:
-    _REGISTRY[_name] = TaskSpec(_name, _type, DEFAULT_TEMPLATES[_type], hub=_hub_id, loader=_loader)
+    _REGISTRY[_name] = TaskSpec(_name, _type, DEFAULT_TEMPLATES[_type], hub=_hub_id, loader=_loader, n_problems=_n,
+                                access=_access)
 _register_packaged_tasks()
 
 
@@ -240,10 +265,12 @@ def _explicit_file(name: str, task_files: dict[str, str] | None) -> str | None:
 
 
 def load_task(name: str, *, task_files: dict[str, str] | None = None, answer_type: str | None = None,
-              template: str | None = None, limit: int | None = None, bare: bool = False) -> Task:
+              template: str | None = None, limit: int | None = None, bare: bool = False,
+              revisions: dict[str, str] | None = None) -> Task:
     """Resolve a task name or JSONL path into a `Task` (see the module docstring for the resolution order).
 
-    `bare`: prompt with the problem alone (BARE_TEMPLATES) instead of the task's instruction template."""
+    `bare`: prompt with the problem alone (BARE_TEMPLATES) instead of the task's instruction template.
+    `revisions`: task name -> hub revision (a commit, tag or branch) to load a built-in at; recorded in the Task."""
     if answer_type is not None and answer_type not in ANSWER_TYPES:
         raise SfnError(f"answer type {answer_type!r} is unknown; use one of {', '.join(ANSWER_TYPES)}.")
     if name in _REGISTRY:
@@ -254,7 +281,8 @@ def load_task(name: str, *, task_files: dict[str, str] | None = None, answer_typ
         if path:
             task = Task(name, kind, tmpl, read_problems(path, kind), str(path))
         else:
-            task = Task(name, kind, tmpl, _from_hub(spec), f"hub:{spec.hub}")
+            revision = (revisions or {}).get(name)
+            task = Task(name, kind, tmpl, _from_hub(spec, revision), f"hub:{spec.hub}", revision)
     elif _is_path(name):
         kind = answer_type or "math"
         task = Task(Path(name).stem, kind, template or DEFAULT_TEMPLATES[kind], read_problems(name, kind), str(name))
@@ -268,17 +296,23 @@ def load_task(name: str, *, task_files: dict[str, str] | None = None, answer_typ
     return task
 
 
-def _from_hub(spec: TaskSpec) -> list[dict]:
+def _from_hub(spec: TaskSpec, revision: str | None = None) -> list[dict]:
     how = (f"task {spec.name!r} needs its problems: pass --task-file {spec.name}=PATH.jsonl (rows {{id, problem, "
            f"answer}}) or set SFN_TASK_{spec.name.upper()}=PATH, or make the hub dataset {spec.hub} reachable")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise SfnError(how + " (the hub is switched off by HF_HUB_OFFLINE/HF_DATASETS_OFFLINE).")
     try:
-        problems = spec.loader()
+        problems = spec.loader(revision=revision)
     except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: the fix is the same
+        if spec.access and ("gated" in f"{type(exc).__name__} {exc}".lower() or "401" in str(exc)):
+            raise SfnError(f"task {spec.name!r}: {spec.access}; or pass --task-file {spec.name}=PATH.jsonl.") from None
         raise SfnError(f"{how} (loading it failed: {type(exc).__name__}).") from None
     for p in problems:
         p["answer"] = str(p["answer"])
+    if spec.n_problems is not None and len(problems) != spec.n_problems:
+        raise SfnError(f"task {spec.name!r}: {spec.hub}{f' at {revision}' if revision else ''} gave {len(problems)} "
+                       f"problems, not the benchmark's {spec.n_problems}; pass --task-revision {spec.name}=REV of "
+                       "the copy you mean, or --task-file.")
     return problems
 
 
