@@ -389,9 +389,15 @@ def test_evaluate_writes_every_field(two_results, task_file):
     sig = r["model"]["tokenizer_signature"]
     assert set(sig) >= {"vocab_size", "vocab_sha256", "chat_template_sha256", "eos_token_ids", "signature"}
     math_template = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+    import hashlib
+
+    problems = [json.loads(line) for line in task_file.read_text().splitlines()]
+    sha = hashlib.sha256(json.dumps(problems, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     assert r["task"] == {"name": "arith", "answer_type": "math", "template": math_template,
-                         "source": str(task_file), "n_problems": 3}
+                         "source": str(task_file), "revision": None, "n_problems": 3, "problems_sha256": sha}
     s = r["settings"]
+    assert (s["protocol"], s["protocol_changes"], s["prompts"]) == ("sampled", ["max_new_tokens", "samples"],
+                                                                    "instruct")
     assert (s["backend"], s["temperature"], s["top_p"], s["max_new_tokens"], s["samples"], s["seed"]) == \
            ("hf", 0.6, 0.95, 8, 2, 0)
     assert s["chat_template"] is True and s["budget_forcing"] == 0 and s["repetition_penalty"] == 1.0
