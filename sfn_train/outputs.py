@@ -203,6 +203,10 @@ def build_manifest(args, selection, attention, fingerprint, status, metrics=None
         attention=attention,
         precision=precision,  # dtypes in effect, read from the live model once training began (None before)
         world_size=training_args.world_size,
+        # the training seed (data order, anything initialised) and the data-order seed when set apart from it: what
+        # tells runs of one recipe apart in a comparison over seeds
+        seed=training_args.seed,
+        data_seed=training_args.data_seed,
         deepspeed_stage=deepspeed_stage(training_args),
         # requested (recipe or launcher) and in effect (read from the live model: sharded DTensors for FSDP2,
         # partitioned parameters for ZeRO-3), plus the steps this process ran (fewer than max_steps when resumed)

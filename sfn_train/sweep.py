@@ -40,7 +40,6 @@ import math
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from pathlib import Path
 from .arguments import ArgumentParser
 from .errors import SfnError
 from .manifest import MANIFEST_FILE
+from .subprocess_run import run_command
 
 SWEEP_FILE = "sweep.json"
 POINT_RECORD = "sfn_sweep.json"  # written into each finished point folder
@@ -320,19 +320,13 @@ def run_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra:
         eta = f", about {_clock(left * sum(durations) / len(durations))} after this" if durations and left else ""
         log(f"[sweep] {i}/{len(points)} {label}: training ({left} left after this, elapsed "
             f"{_clock(time.monotonic() - started)}{eta}); log {logs / (entry['name'] + '.log')}")
-        t0 = time.monotonic()
-        with open(logs / f"{entry['name']}.log", "w") as log_file:
-            proc = subprocess.Popen(shlex.split(entry["command"]), stdout=log_file, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})})
-            _, status, usage = os.wait4(proc.pid, 0)  # the point's own peak memory, next to its log
-        code = os.waitstatus_to_exitcode(status)
-        _write_json(logs / f"{entry['name']}.json", {"wall_s": time.monotonic() - t0, "exit": code,
-                                                     "peak_rss_mb": usage.ru_maxrss / 1024,
-                                                     "cpu_s": usage.ru_utime + usage.ru_stime})
+        run = run_command(shlex.split(entry["command"]), env=env, log_file=logs / f"{entry['name']}.log")
+        code = run.exit_code  # the point's own peak memory and time, next to its log
+        _write_json(logs / f"{entry['name']}.json", run.stats())
         if code != 0:
             raise SfnError(f"sweep point {label} failed (exit {code}); see {logs / (entry['name'] + '.log')}. "
                            "Rerunning the same command keeps the finished points.")
-        durations.append(time.monotonic() - t0)
+        durations.append(run.wall_s)
         manifest = finished_manifest(out, entry)
         value = (manifest or {}).get("metrics", {}).get(metric)
         log(f"[sweep] {i}/{len(points)} {label}: {metric} {_fmt(value)} in {durations[-1]:.0f} s")

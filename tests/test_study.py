@@ -519,3 +519,52 @@ def test_findings_follow_the_numbers():
     said = findings(entries, ["t"], "full")
     assert "no significant difference (p=1.000), so nothing below can show" in said[0]
     assert not any("recovers" in s for s in said)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training seeds
+
+
+@pytest.mark.slow
+def test_study_seeds_train_per_seed_and_a_new_seed_trains_only_itself(inputs, tmp_path, monkeypatch):
+    """`seeds: [1]`: the fine-tune, the merge whose donor it is and its destruction exist once per seed, each run at
+    its seed (manifest), the report compares the variants over seeds; then `seeds: [1, 2]` runs only the stages of
+    seed 2 (what ran, and the training commands launched) and the report again."""
+    import sfn_train.study.pipeline
+    from sfn_train.study import run_study
+
+    raw = {**inputs["raw"], "reasoning": None, "baseline": "base", "delta": False, "seeds": [1],
+           "merges": [{"name": "m_oproj", "modules": ["o_proj"], "donor": "oproj"}],
+           "destroy": {"model": "oproj", "modes": ["zero"], "modules": ["o_proj"], "layers": "1"},
+           "out": str(tmp_path / "out")}
+    study = tmp_path / "seeds.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    trained = []
+    real = sfn_train.study.pipeline.run_training
+    monkeypatch.setattr(sfn_train.study.pipeline, "run_training",
+                        lambda command, folder, name: trained.append(name) or real(command, folder, name))
+
+    def per_seed(seeds):
+        return [f"{kind}:{model}@{s}" for kind, model in (("train", "oproj"), ("merge", "m_oproj"),
+                                                           ("destroy", "zero_o_proj")) for s in seeds]
+
+    first = run_study(study, log=lambda _: None)
+    evals = ["eval:base"] + [f"eval:{m}@1" for m in ("oproj", "m_oproj", "zero_o_proj")]
+    assert first["ran"] == per_seed([1]) + evals + ["report"] and trained == ["oproj@1"]
+    out = tmp_path / "out"
+    report = (out / "report.md").read_text()
+    assert "## Fine-tunes from A against base (training seed 1)" in report and "## Variants over seeds" in report
+    assert "| oproj | 1 |" in report and "| m_oproj | 1 |" in report
+
+    trained.clear()
+    study.write_text(yaml.safe_dump({**raw, "seeds": [1, 2]}))
+    second = run_study(study, log=lambda _: None)
+    assert second["ran"] == per_seed([2]) + [f"eval:{m}@2" for m in ("oproj", "m_oproj", "zero_o_proj")] + ["report"]
+    assert trained == ["oproj@2"]
+    manifests = {s: json.loads((out / "train" / f"oproj@{s}" / "sfn_manifest.json").read_text()) for s in (1, 2)}
+    assert [manifests[s]["seed"] for s in (1, 2)] == [1, 2]
+    assert json.loads((out / "destroy" / "zero_o_proj@2" / "sfn_manifest.json").read_text())["model"]["path"] == \
+        str(out / "train" / "oproj@2")
+    report = (out / "report.md").read_text()
+    assert "## Fine-tunes from A against base (training seed 2)" in report and "| oproj | 2 |" in report
+    assert "oproj over 2 seeds" in report  # the findings use the seed-aware test

@@ -384,3 +384,83 @@ def _seed_findings(entries: list[ModelEntry]) -> list[str]:
                    f"{MIN_SEEDS} seeds per variant to estimate); a new seed can move a fine-tune's score by more "
                    "than these differences.")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants over training seeds
+
+
+def group_by_variant(entries: list[ModelEntry]) -> dict[str, list[ModelEntry]]:
+    """Entries of one variant trained at several seeds (extra["variant"], extra["seed"]), in seed order; a model
+    without a seed is a variant of one."""
+    groups: dict[str, list[ModelEntry]] = {}
+    for e in entries:
+        groups.setdefault(e.extra.get("variant") or e.name, []).append(e)
+    return {v: sorted(es, key=lambda e: e.extra.get("seed") or 0) for v, es in groups.items()}
+
+
+def seed_test(a: list[ModelEntry], b: list[ModelEntry], task: str) -> dict:
+    """The seed-aware comparison of variant a against variant b on `task` (every seed of each, per-problem scores),
+    from `sfn_train.evaluation.seeds`."""
+    from .seeds import per_seed_scores, seed_aware_comparison
+
+    _, scores = per_seed_scores([e.results[task] for e in a + b])  # on the problems every run answered
+    return seed_aware_comparison(scores[: len(a)], scores[len(a):], fixed_a=_fixed(a), fixed_b=_fixed(b))
+
+
+def _fixed(members: list[ModelEntry]) -> bool:
+    """One model not trained at a seed here (A, B, a merge of them): no seed variance of its own."""
+    return len(members) == 1 and members[0].extra.get("seed") is None
+
+
+def seed_interval(members: list[ModelEntry], task: str) -> dict:
+    """A variant's mean pass@1 over its seeds with an interval covering seeds and problems, and the seeds' range."""
+    from .seeds import per_seed_scores, seed_aware_interval
+
+    return seed_aware_interval(per_seed_scores([e.results[task] for e in members])[1])
+
+
+def seed_table(groups: dict[str, list[ModelEntry]], baseline: str, tasks: list[str]) -> list[str]:
+    """One row per variant: seeds, mean pass@1 over seeds, the range across seeds, and the seed-aware Δ against the
+    baseline variant with its interval (seeds and problems) and p."""
+    head = "".join(f" {t} mean pass@1 [95% CI] | range over seeds | Δ vs {baseline} [95% CI] (p) |" for t in tasks)
+    lines = ["| variant | seeds |" + head, "|---|---|" + "---|---|---|" * len(tasks)]
+    for variant, members in groups.items():
+        cells = ""
+        for task in tasks:
+            if not all(task in e.results for e in members):
+                cells += " — | — | — |"
+                continue
+            m = seed_interval(members, task)
+            test = "—"
+            if variant != baseline and baseline in groups:
+                t = seed_test(members, groups[baseline], task)
+                test = f"{t['delta']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}] ({format_p(t['p_value'])})"
+                test += "" if t["seed_variance_estimable"] else " †"
+            cells += (f" {m['mean']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}] | {m['min']:.3f}–{m['max']:.3f} | "
+                      f"{test} |")
+        lines.append(f"| {variant} | {len(members)} |" + cells)
+    return lines
+
+
+def seed_findings(groups: dict[str, list[ModelEntry]], baseline: str, tasks: list[str]) -> list[str]:
+    """One sentence per trained variant against the baseline, from the seed-aware test: a difference is called one
+    only when the interval over seeds and problems excludes zero at p < ALPHA."""
+    out = []
+    for variant, members in groups.items():
+        if variant == baseline or baseline not in groups or len(members) < 2 and len(groups[baseline]) < 2:
+            continue
+        for task in tasks:
+            if not all(task in e.results for e in members + groups[baseline]):
+                continue
+            t = seed_test(members, groups[baseline], task)
+            scores = [pass1(e.results[task]) for e in members]
+            said = ("not significantly different from" if not significant(t) else
+                    "better than" if t["delta"] > 0 else "worse than")
+            line = (f"{task}: {variant} over {len(members)} seeds (mean {statistics.fmean(scores):.3f}, range "
+                    f"{min(scores):.3f}–{max(scores):.3f}) is {said} {baseline} over {len(groups[baseline])} "
+                    f"(Δ {t['delta']:+.3f}, 95% CI [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], "
+                    f"{format_p(t['p_value'])}; {t['method']})")
+            note = (t.get("note") or "").rstrip(".")
+            out.append(line + (f": {note}" if note else "") + ".")
+    return out

@@ -11,17 +11,16 @@ Folders under `out`: `train/<name>` (the `sfn train` output), `merges/<name>`, `
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from ..errors import SfnError
 from ..stages import Stage, StageRunner, file_digest
-from .schema import BASE, REASONING, Study
+from .schema import BASE, REASONING, Finetune, Merge, Study, seeded
 
 KINDS = ("train", "merge", "destroy", "delta", "eval", "report")
 MARKERS = "stages"
@@ -39,9 +38,25 @@ class StudyPipeline:
         self.eval_ns = parse_eval_options(study.eval, study.tasks)
         self.destroy_eval = {**study.eval, **(study.destroy.eval if study.destroy else {})}
         self.destroy_ns = parse_eval_options(self.destroy_eval, study.tasks, "destroy.eval")
-        self.finetunes = {f.name: f for f in study.finetune}
-        self.merges = {m.name: m for m in study.merges}
-        self.destroyed = {name: (mode, module) for name, mode, module in study.destroyed()}
+        # Models by the name they have in this study: with `seeds:`, one per seed of each fine-tune and of each
+        # model made from one (`oproj@42`), with the seed it was trained at; without, the names of the study file.
+        self.seed_of: dict[str, int | None] = {}
+        self.finetunes: dict[str, Finetune] = {}
+        for f in study.finetune:
+            for name, seed in study.per_seed(f.name):
+                self.finetunes[name], self.seed_of[name] = f, seed
+        self.merges: dict[str, Merge] = {}
+        for m in study.merges:
+            for name, seed in study.per_seed(m.name):
+                donor = seeded(m.donor, seed) if study.depends_on_finetune(m.donor) else m.donor
+                self.merges[name], self.seed_of[name] = dataclasses.replace(m, name=name, donor=donor), seed
+        self.destroyed: dict[str, tuple[str, str | None]] = {}
+        self.destroy_source: dict[str, str] = {}  # destroyed model -> the model it damages
+        for base_name, mode, module in study.destroyed():
+            for name, seed in study.per_seed(base_name):
+                self.destroyed[name], self.seed_of[name] = (mode, module), seed
+                self.destroy_source[name] = seeded(study.destroy.model, seed)
+        self.model_names = study.seeded_model_names()
         self.baseline = study.baseline or (REASONING if study.reasoning else BASE)
 
     # -- models ------------------------------------------------------------------------------------------------------
@@ -77,20 +92,22 @@ class StudyPipeline:
     # -- stages ------------------------------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
         s = self.study
-        stages = [self._train_stage(f.name) for f in s.finetune]
-        stages += [self._merge_stage(m.name) for m in s.merges]
+        stages = [self._train_stage(name) for name in self.finetunes]
+        stages += [self._merge_stage(name) for name in self.merges]
         stages += [self._destroy_stage(name) for name in self.destroyed]
         if s.delta:
             stages += [self._delta_stage(name) for name in ([REASONING] if s.reasoning else []) + list(self.finetunes)]
-        stages += [self._eval_stage(name) for name in s.model_names()]
+        stages += [self._eval_stage(name) for name in self.model_names]
         stages.append(self._report_stage([st.name for st in stages]))
         return stages
 
     # training
     def _train_args(self, name: str) -> list[str]:
-        f = self.finetunes[name]
+        f, seed = self.finetunes[name], self.seed_of[name]
         return ["--config", f.recipe, "--model_name_or_path", self.study.base, "--output_dir",
-                str(self.out / "train" / name), "--overwrite_output_dir", "true"]
+                str(self.out / "train" / name), "--overwrite_output_dir", "true",
+                *[t for k, v in f.args.items() for t in (f"--{k}", str(v))],
+                *(["--seed", str(seed)] if seed is not None else [])]
 
     def train_launch(self, name: str) -> list[str]:
         """The cluster launch: torchrun (or `accelerate launch` with the fine-tune's accelerate_config) with its
@@ -146,8 +163,10 @@ class StudyPipeline:
         recipe = Path(self.finetunes[name].recipe)
         raw = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
         inputs = {"recipe": file_digest(recipe)}
+        if self.finetunes[name].args:
+            inputs["args"] = dict(self.finetunes[name].args)
         for key in ("dataset_name", "deepspeed", "fsdp_config"):  # files the recipe reads are inputs by content
-            value = raw.get(key)
+            value = self.finetunes[name].args.get(key, raw.get(key))
             if isinstance(value, str) and Path(value).is_file():
                 inputs[key] = file_digest(value)
             elif isinstance(value, str) and Path(value).is_dir():
@@ -188,7 +207,8 @@ class StudyPipeline:
                 processes = f"{f.nnodes} x {f.nproc_per_node}"
             else:
                 processes = str(self._local_launch(name)[2])
-            return {"base": self.fingerprint(BASE), **self._recipe_inputs(name), "processes": processes}
+            seed = {"seed": self.seed_of[name]} if self.seed_of[name] is not None else {}
+            return {"base": self.fingerprint(BASE), **self._recipe_inputs(name), "processes": processes, **seed}
 
         def build():
             if multinode:
@@ -225,6 +245,7 @@ class StudyPipeline:
     def _destroy_stage(self, name: str) -> Stage:
         d = self.study.destroy
         mode, module = self.destroyed[name]
+        source = self.destroy_source[name]
         folder = self.out / "destroy" / name
         args = dict(modules=module, layers=list(d.layers), mode=mode, seed=d.seed)
         flags = ["--mode", mode, "--layers", ",".join(d.layers), "--seed", str(d.seed)]
@@ -236,16 +257,16 @@ class StudyPipeline:
             args["scale"], flags = d.scale, flags + ["--scale", str(d.scale)]
         elif mode == "scale":
             args["factor"], flags = d.factor, flags + ["--factor", str(d.factor)]
-        command = ["sfn", "destroy", self.model_path(d.model), *flags, "--out", str(folder)]
+        command = ["sfn", "destroy", self.model_path(source), *flags, "--out", str(folder)]
 
         def build():
             from ..gadgets import destroy
 
-            destroy(self.model_path(d.model), folder, **args, command=shlex.join(command))
+            destroy(self.model_path(source), folder, **args, command=shlex.join(command))
 
-        what = f"{mode} {module or 'whole layers'} of {d.model} in layers {','.join(d.layers)}"
-        return Stage(f"destroy:{name}", "destroy", what, self._needs(d.model),
-                     lambda: {"model": self.fingerprint(d.model), **args}, build, folder,
+        what = f"{mode} {module or 'whole layers'} of {source} in layers {','.join(d.layers)}"
+        return Stage(f"destroy:{name}", "destroy", what, self._needs(source),
+                     lambda: {"model": self.fingerprint(source), **args}, build, folder,
                      commands=[shlex.join(command)])
 
     def _delta_stage(self, name: str) -> Stage:
@@ -400,28 +421,16 @@ def launcher_of(accelerate_config: str) -> str:
 def run_training(command: list[str], folder: Path, name: str) -> dict:
     """Run one training command; return its wall time and peak memory (the largest process's RSS, and the GPU
     peak the run recorded), or fail in one line if it did not finish."""
-    import json
+    from ..subprocess_run import complete_manifest, run_command, shown
 
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env)
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    code = os.waitstatus_to_exitcode(status)
-    proc.returncode = code
-    if code != 0:
-        raise SfnError(f"training fine-tune {name} failed (exit {code}); its output is above. Fix it and rerun the "
-                       "study: finished stages are kept.")
-    manifest_file = folder / "sfn_manifest.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
-    if manifest.get("status") != "complete":
+    result = run_command(command)
+    if result.exit_code != 0:
+        raise SfnError(f"training fine-tune {name} failed (exit {result.exit_code}); its output is above. Fix it and "
+                       "rerun the study: finished stages are kept.")
+    if complete_manifest(folder) is None:
         raise SfnError(f"training fine-tune {name} exited without a complete manifest in {folder}; rerun the study.")
-    return {"wall_s": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "command": command[1:] if command[0] == sys.executable else command}
+    return {"wall_s": result.wall_s, "cpu_s": result.cpu_s, "peak_rss_mb": result.peak_rss_mb,
+            "command": shown(command)}
 
 
 def adopt_multinode_run(folder: Path, finetune, base: str, base_fingerprint: str, launch: list[str]) -> dict:

@@ -30,6 +30,9 @@ class Finetune:
     nproc_per_node: int = field(default=8, metadata={
         "help": "training processes (GPUs) per node in the torchrun launch; the recipe's effective batch assumes it"})
     nnodes: int = field(default=1, metadata={"help": "nodes in the torchrun launch"})
+    args: dict = field(default_factory=dict, metadata={
+        "help": "more `sfn train` flags over the recipe's keys, e.g. {dataset_name: data/traces.jsonl, "
+                "num_train_epochs: 6}"})
     accelerate_config: str | None = field(default=None, metadata={
         "help": "launch with `accelerate launch --config_file` this file (e.g. ds_configs/accelerate_zero3.yaml) "
                 "instead of torchrun; processes and nodes still come from nproc_per_node and nnodes"})
@@ -82,6 +85,10 @@ class Study:
     baseline: str | None = field(default=None, metadata={
         "help": "model the comparisons test against (default: reasoning, else base)"})
     out: str | None = field(default=None, metadata={"help": "output folder (default studies/<file name>)"})
+    seeds: list[int] = field(default_factory=list, metadata={
+        "help": "train every fine-tune once per seed (e.g. [42, 43, 44]: model oproj@42, ...); merges from a "
+                "fine-tune, its destruction, deltas and evaluations follow per seed, and the report compares "
+                "variants over seeds; empty: one run at the recipe's seed"})
 
     # -- the models of the study -------------------------------------------------------------------------------------
     def destroyed(self) -> list[tuple[str, str, str | None]]:
@@ -96,10 +103,41 @@ class Study:
                 out += [(f"{mode}_{_slug(module)}", mode, module) for module in self.destroy.modules]
         return out
 
+    def per_seed(self, name: str) -> list[tuple[str, int | None]]:
+        """[(model name, seed)] of a model the study trains (a fine-tune) or makes from one: `name@seed` per seed
+        when the study has seeds, else [(name, None)]. Models that do not depend on a fine-tune stay one model."""
+        if not self.seeds or not self.depends_on_finetune(name):
+            return [(name, None)]
+        return [(seeded(name, s), s) for s in self.seeds]
+
+    def depends_on_finetune(self, name: str) -> bool:
+        finetunes = {f.name for f in self.finetune}
+        if name in finetunes:
+            return True
+        merge = next((m for m in self.merges if m.name == name), None)
+        if merge is not None:
+            return merge.donor in finetunes
+        return any(name == n for n, _, _ in self.destroyed()) and self.destroy.model in finetunes
+
     def model_names(self) -> list[str]:
         names = [BASE] + ([REASONING] if self.reasoning else [])
         names += [f.name for f in self.finetune] + [m.name for m in self.merges]
         return names + [name for name, _, _ in self.destroyed()]
+
+    def seeded_model_names(self) -> list[str]:
+        """Every model the study evaluates: `model_names()` with each one that depends on a fine-tune per seed."""
+        return [n for name in self.model_names() for n, _ in self.per_seed(name)]
+
+
+def seeded(name: str, seed: int | None) -> str:
+    """The model name of variant `name` trained at `seed` (`oproj@42`); `name` itself without a seed."""
+    return name if seed is None else f"{name}@{seed}"
+
+
+def variant_of(name: str) -> tuple[str, int | None]:
+    """(variant, seed) of a study model name: `oproj@42` -> (oproj, 42), `base` -> (base, None)."""
+    head, at, tail = name.rpartition("@")
+    return (head, int(tail)) if at and tail.isdigit() else (name, None)
 
 
 def _slug(text: str) -> str:
@@ -114,7 +152,9 @@ def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (list,):
         item = typing.get_args(tp)[0]
-        return f"a list of {item.__name__} entries" if dataclasses.is_dataclass(item) else "a list of strings"
+        if dataclasses.is_dataclass(item):
+            return f"a list of {item.__name__} entries"
+        return "a list of integers" if item is int else "a list of strings"
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if dataclasses.is_dataclass(tp):
@@ -249,6 +289,10 @@ def check_study(study: Study) -> None:
         if not Path(f.recipe).is_file():
             raise SfnError(f"finetune[{i}] ({f.name}): recipe {f.recipe} does not exist (relative paths start from "
                            "the folder sfn study is launched in).")
+        owned = {"config", "model_name_or_path", "output_dir", "overwrite_output_dir"} | ({"seed"} if study.seeds else set())
+        if set(f.args) & owned:
+            raise SfnError(f"finetune[{i}] ({f.name}): args sets {', '.join(sorted(set(f.args) & owned))}, which the "
+                           "study sets itself (the base, the output folder, the seeds): remove it from args.")
         if f.nproc_per_node < 1 or f.nnodes < 1:
             raise SfnError(f"finetune[{i}] ({f.name}): nproc_per_node and nnodes must be at least 1.")
     for i, m in enumerate(study.merges):
@@ -271,6 +315,11 @@ def check_study(study: Study) -> None:
         if any(m != "remove" for m in d.modes) and not d.modules:
             raise SfnError("destroy.modules is empty: name the modules to damage (e.g. [q_proj, o_proj, up_proj]).")
         _check_selection(d.modules or ["o_proj"], d.layers, "destroy", normalize_modules, parse_layers)
+    if len(set(study.seeds)) != len(study.seeds):
+        raise SfnError(f"seeds {study.seeds} names a seed twice; list each seed once.")
+    if study.seeds and not study.finetune:
+        raise SfnError("seeds vary the training of fine-tunes, and the study has none: add a `finetune:` entry or "
+                       "remove `seeds:`.")
     if study.baseline is not None and study.baseline not in names:
         raise SfnError(f"baseline {study.baseline!r} is not a model of the study ({', '.join(names)}).")
     from .evalopts import parse_eval_options

@@ -1,0 +1,75 @@
+"""Run one training command (`sfn train ...`, under torchrun or accelerate when asked) as a child process and measure it.
+
+Why a child process: each run's peak memory is then its own (the largest process's RSS, from `wait4`'s rusage), and
+a crash or an out-of-memory kill of one run cannot take the caller down. `sfn study`, `sfn sweep` and `sfn lab` all
+train through `run_command`; a Ctrl-C kills the child before it propagates, so nothing keeps training in the
+background.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    wall_s: float
+    cpu_s: float  # user + system time of the child (and its waited-for children)
+    peak_rss_mb: float  # the largest resident set of the child or any child it waited for
+
+    def stats(self) -> dict:
+        return {"wall_s": self.wall_s, "cpu_s": self.cpu_s, "peak_rss_mb": self.peak_rss_mb, "exit": self.exit_code}
+
+
+def run_command(command: list[str], *, env: dict | None = None, log_file: str | os.PathLike | None = None) -> RunResult:
+    """Run `command` to its end with `env` over this process's environment (and TOKENIZERS_PARALLELISM=false);
+    its output goes to `log_file` when given, else to this process's output. Returns exit code, wall and CPU time
+    and peak RSS; never raises on a nonzero exit (the caller says what failed, in its own words)."""
+    environment = {**os.environ, **QUIET_ENV, **(env or {})}
+    started = time.perf_counter()
+    handle = open(log_file, "w") if log_file is not None else None
+    try:
+        proc = subprocess.Popen(command, env=environment, stdout=handle,
+                                stderr=subprocess.STDOUT if handle else None)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C or an error here: the child must not train on unobserved
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if handle is not None:
+            handle.close()
+    return RunResult(proc.returncode, time.perf_counter() - started, usage.ru_utime + usage.ru_stime,
+                     usage.ru_maxrss / 1024)
+
+
+def train_command(args: list[str]) -> list[str]:
+    """`sfn train ARGS` run with this interpreter (the same environment as the caller)."""
+    return [sys.executable, "-m", "sfn_train.cli", "train", *args]
+
+
+def shown(command: list[str]) -> list[str]:
+    """The command as a user would type it: without this interpreter's path in front."""
+    return command[1:] if command and command[0] == sys.executable else list(command)
+
+
+def complete_manifest(folder: Path) -> dict | None:
+    """The run's manifest when it says the run completed, else None."""
+    import json
+
+    path = Path(folder) / "sfn_manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("status") == "complete" else None
