@@ -214,7 +214,7 @@ def find(argv: list[str], what: str, nproc: int, nnodes: int, gpu_memory_gib: fl
     if what == "nproc":
         plan = plan_memory(argv, 1, nnodes, gpu_memory_gib, device)
         trace = plan["_trace"]
-        for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512):
+        for n in (*range(1, 17), 24, 32, 48, 64, 96, 128, 256, 512):  # ranks per node
             plan = plan_memory(argv, n, nnodes, gpu_memory_gib, device, trace=trace)
             if plan["fits"]:
                 return {"find": "nproc", "value": n, "plan": plan}

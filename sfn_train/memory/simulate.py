@@ -226,13 +226,19 @@ def _inputs(spec: StepSpec):
     return inputs
 
 
+def _packed(spec: StepSpec) -> bool:
+    return spec.padding_free and spec.batch > 1 and spec.kernel in ("sdpa", "eager")
+
+
 @contextlib.contextmanager
-def _mask_decisions_as_on_real_tensors():
+def _mask_decisions_as_on_real_tensors(packed: bool):
     """transformers never skips the causal mask for a fake tensor (it reads one as tracing, and the skip may need
-    the mask's values). On real tensors it skips it exactly when no padding mask is given: decide that way here."""
+    the mask's values). On real tensors it skips it exactly when no padding mask is given and the position_ids do not
+    restart (`packed`: a padding-free batch of several rows, whose block-diagonal mask is built): decide that way."""
     from transformers import masking_utils
 
     original = masking_utils._ignore_causal_mask_sdpa
+    original_packed = masking_utils.find_packed_sequence_indices
 
     def decide(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
         if padding_mask is not None or (local_attention_size is not None and kv_length >= local_attention_size):
@@ -240,10 +246,13 @@ def _mask_decisions_as_on_real_tensors():
         return q_length == 1 or kv_length == q_length
 
     masking_utils._ignore_causal_mask_sdpa = decide
+    if not packed:
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
     try:
         yield
     finally:
         masking_utils._ignore_causal_mask_sdpa = original
+        masking_utils.find_packed_sequence_indices = original_packed
 
 
 def simulate_step(spec: StepSpec, fake: bool = True, around=None) -> StepTrace:
@@ -262,7 +271,7 @@ def simulate_step(spec: StepSpec, fake: bool = True, around=None) -> StepTrace:
     start = time.perf_counter()
     tracker = _Tracker(512 if spec.device == "cuda" else 1)
     with FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext(), \
-            _mask_decisions_as_on_real_tensors() if fake else contextlib.nullcontext():
+            _mask_decisions_as_on_real_tensors(_packed(spec)) if fake else contextlib.nullcontext():
         model = _build_model(spec)
         trainable = _select(model, spec)
         summary = _param_summary(model, trainable)
