@@ -45,6 +45,7 @@ def plan_text(study_file, out=None, gpu_memory_gib: float | None = 80.0, memory:
 
     pipe = StudyPipeline(load_study(study_file), study_file, out, log=lambda _: None)
     stages = pipe.stages()
+    cache: dict = {}
     wave: dict[str, int] = {}
     for s in stages:  # stages come in dependency order
         wave[s.name] = 1 + max((wave[n] for n in s.needs), default=0)
@@ -67,7 +68,8 @@ def plan_text(study_file, out=None, gpu_memory_gib: float | None = 80.0, memory:
                 lines += [f"    runs: {c}" for c in s.commands]
             if s.kind == "train" and memory:
                 f = pipe.finetunes[s.name.split(":", 1)[1]]
-                lines.append("    " + plan_line(pipe._train_args(f.name), f.nproc_per_node, f.nnodes, gpu_memory_gib))
+                lines.append("    " + plan_line(pipe._train_args(f.name), f.nproc_per_node, f.nnodes, gpu_memory_gib,
+                                                  cache))  # seeds of one fine-tune share one prediction
             lines += [f"    {n}" for n in s.notes]
         lines.append("")
     return "\n".join(lines)
