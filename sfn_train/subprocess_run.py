@@ -2,20 +2,29 @@
 
 Why a child process: each run's peak memory is then its own (the largest process's RSS, from `wait4`'s rusage), and
 a crash or an out-of-memory kill of one run cannot take the caller down. `sfn study`, `sfn sweep` and `sfn lab` all
-train through `run_command`; a Ctrl-C kills the child before it propagates, so nothing keeps training in the
-background.
+train through `run_command`.
+
+Stopping the caller stops the child. Ctrl-C in a terminal signals the whole foreground process group, but
+`kill -INT <pid>` (a scheduler, a script, a notebook's interrupt) reaches the caller alone: the child used to train on
+to the end. While it waits, SIGINT or SIGTERM to the caller (or any exception) is passed on to the child as SIGINT --
+`sfn train` then stops as after Ctrl-C, its folder resumed by the same command -- and a child that has not ended
+`GRACE_S` seconds later is killed; then the caller's interruption goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+GRACE_S = 30.0
 
 
 @dataclass
@@ -39,18 +48,42 @@ def run_command(command: list[str], *, env: dict | None = None, log_file: str | 
     try:
         proc = subprocess.Popen(command, env=environment, stdout=handle,
                                 stderr=subprocess.STDOUT if handle else None)
+        previous = None
+        if threading.current_thread() is threading.main_thread():  # SIGTERM to the caller: handled as SIGINT is
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:  # Ctrl-C or an error here: the child must not train on unobserved
-            proc.kill()
-            proc.wait()
+        except BaseException:  # Ctrl-C, kill -INT/-TERM or an error here: the child must not train on unobserved
+            stop(proc)
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         proc.returncode = os.waitstatus_to_exitcode(status)
     finally:
         if handle is not None:
             handle.close()
     return RunResult(proc.returncode, time.perf_counter() - started, usage.ru_utime + usage.ru_stime,
                      usage.ru_maxrss / 1024)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:
+    """SIGINT to the child, then SIGKILL if it has not ended within `grace_s` seconds; reap it. A Ctrl-C in the
+    terminal has already reached the child (same process group): it gets a moment to stop on that one first."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=2)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def train_command(args: list[str]) -> list[str]:

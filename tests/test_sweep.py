@@ -236,3 +236,54 @@ def test_seeded_sweep_trains_each_point_per_seed_and_resumes_per_seed(tmp_path, 
     result = run_sweep(str(recipe), ["learning_rate=1e-1"], out, seeds=[1, 2, 3], log=said.append)
     trained = [line for line in said if ": training (" in line]
     assert len(trained) == 1 and "seed=3" in trained[0] and result["seed_points"][0]["n_seeds"] == 3
+
+
+FAKE_TRAIN = """
+import os, time
+open(os.environ["FAKE_TRAIN_PID"], "w").write(str(os.getpid()))
+try:
+    time.sleep(120)  # a long training run
+except KeyboardInterrupt:  # what sfn train does on SIGINT: stop as after Ctrl-C (its folder resumable), exit 130
+    open(os.environ["FAKE_TRAIN_PID"] + ".stopped", "w").write("SIGINT")
+    raise SystemExit(130)
+"""
+
+
+def test_sigint_to_the_sweep_stops_its_training_child(tmp_path, qwen2_base, sum_data):
+    """`kill -INT <sweep>` reaches the sweep alone (not its process group, as Ctrl-C would): its child must stop too,
+    and by SIGINT, so that `sfn train` ends as after Ctrl-C (manifest `running`, resumed by the same command)."""
+    import contextlib
+    import signal
+    import time
+
+    from conftest import REPO
+
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    pid_file = tmp_path / "child.pid"
+    recipe = train_recipe(tmp_path, qwen2_base, sum_data, max_steps=2, validation_fraction=0.25)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "sfn_train.cli", "sweep", "--config", str(recipe), "--grid", "learning_rate=1e-3,1e-2",
+         "--out", str(tmp_path / "sweep"), "--launcher", f"{sys.executable} {fake}"],
+        env={**os.environ, "PYTHONPATH": str(REPO), "FAKE_TRAIN_PID": str(pid_file)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    child = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert sweep.poll() is None and time.monotonic() < deadline, sweep.stderr.read()[-2000:]
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        sweep.send_signal(signal.SIGINT)
+        assert sweep.wait(timeout=60) != 0
+        for _ in range(100):  # reaped by the sweep: gone from /proc
+            if not os.path.exists(f"/proc/{child}"):
+                break
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{child}"), "the sweep ended but its training child runs on"
+        assert (tmp_path / "child.pid.stopped").read_text() == "SIGINT"
+    finally:
+        for pid in (sweep.pid, child):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

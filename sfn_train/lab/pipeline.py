@@ -18,13 +18,13 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..arguments import ArgumentParser
+from ..subprocess_run import run_command
 from ..errors import SfnError
 from ..evaluation.tasks import packaged_task_file
 from .problems import REASON_STEPS, all_single_steps, fact_rows, generate, sft_rows, shipped_tasks, write_jsonl
@@ -349,12 +349,10 @@ class Lab:
         for key, value in flags.items():
             cmd += [f"--{key}", str(value)]
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, env={**os.environ, **TRAIN_ENV})
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise SfnError(f"lab training run {recipe} failed (exit {proc.returncode}); its output is above.")
-        stats = {"wall_s": time.perf_counter() - started, "peak_rss_mb": usage.ru_maxrss / 1024}
+        run = run_command(cmd, env=TRAIN_ENV)  # stopping the lab stops the run (sfn_train/subprocess_run.py)
+        if run.exit_code != 0:
+            raise SfnError(f"lab training run {recipe} failed (exit {run.exit_code}); its output is above.")
+        stats = {"wall_s": time.perf_counter() - started, "peak_rss_mb": run.peak_rss_mb}
         (out / "lab_train_stats.json").write_text(json.dumps(stats))
         return stats
 
