@@ -104,6 +104,9 @@ def test_study_runs_every_stage_and_reports_every_model(first_run, inputs):
                for line in progress), progress
     report = (out / "report.md").read_text()
     sections = {s.split("\n", 1)[0]: s for s in report.split("\n## ")[1:]}
+    # the protocol and the settings its runs used, not the options' unset values
+    assert ("Evaluation: protocol sampled (docs/evaluation.md), backend hf, 1 sample(s) per problem, temperature 0.0, "
+            "top_p 0.95, at most 8 new tokens") in report
 
     def rows(title_start: str) -> list[str]:
         section = next(v for k, v in sections.items() if k.startswith(title_start))

@@ -29,6 +29,15 @@ FORMAT = "sfn-study-run/1"
 # The record of a run
 
 
+def _effective(ns):
+    """The generation settings a study's `sfn eval` runs use: its options over their protocol's values."""
+    from ..evaluation.cli import evaluate_kwargs
+    from ..evaluation.settings import GenerationSettings, resolve_settings
+
+    kwargs = evaluate_kwargs(ns)
+    return resolve_settings({k: v for k, v in kwargs.items() if k in GenerationSettings.__dataclass_fields__})[0]
+
+
 def build_record(pipe) -> dict:
     """What the study ran, with every path relative to its output folder."""
     study, out, runner = pipe.study, pipe.out, pipe.runner
@@ -70,8 +79,9 @@ def build_record(pipe) -> dict:
         "baseline": pipe.baseline,
         "seed": ns.seed,
         "seeds": list(study.seeds),  # training seeds of the fine-tunes (empty: one run each at the recipe's seed)
-        "eval": {k: getattr(ns, k) for k in ("backend", "samples", "temperature", "top_p", "max_new_tokens", "limit",
-                                             "budget_forcing", "tensor_parallel_size")},
+        "eval": {**{k: getattr(_effective(ns), k) for k in ("protocol", "backend", "samples", "temperature", "top_p",
+                                                            "max_new_tokens", "budget_forcing", "tensor_parallel_size")},
+                 "limit": ns.limit},
         "eval_destroyed": dict(study.destroy.eval) if study.destroy else {},
         "models": models,
         "destroy": None if study.destroy is None else {
@@ -173,7 +183,8 @@ def _header(record: dict, entries: list[ModelEntry], tasks: list[str]) -> list[s
     lines += [f"A = `{record['base']}`" + (f"; B = `{record['reasoning']}`" if record["reasoning"] else "")
               + f". Baseline of the comparisons: **{record['baseline']}**. Tasks: {', '.join(tasks)} "
               f"({', '.join(_n_problems(base, t) for t in tasks)}).", ""]
-    lines += [f"Evaluation: backend {ev['backend']}, {ev['samples']} sample(s) per problem, temperature "
+    lines += [f"Evaluation: protocol {ev.get('protocol', 'sampled')} (docs/evaluation.md), backend {ev['backend']}, "
+              f"{ev['samples']} sample(s) per problem, temperature "
               f"{ev['temperature']}, top_p {ev['top_p']}, at most {ev['max_new_tokens']} new tokens"
               + (f", budget forcing {ev['budget_forcing']}" if ev["budget_forcing"] else "")
               + (f", first {ev['limit']} problems of each task" if ev["limit"] else "")
