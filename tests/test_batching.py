@@ -87,6 +87,21 @@ def test_length_buckets_are_homogeneous_batches_in_random_order():
     assert order != length_bucket_order(lengths, 8, torch.Generator().manual_seed(1))
 
 
+@pytest.mark.parametrize("rows, batch_size, mega_batch_mult", [(10, 4, 50), (1003, 8, 50), (37, 4, 2)])
+def test_rows_that_do_not_fill_the_last_batch_are_still_trained(rows, batch_size, mega_batch_mult):
+    """Row counts that the batch size (or the mega-batch) does not divide: every row comes once per epoch, also those
+    of the short buckets (one per mega-batch that the batch size does not divide)."""
+    import torch
+
+    lengths = [(13 * i) % 29 + 1 for i in range(rows)]
+    order = length_bucket_order(lengths, batch_size, torch.Generator().manual_seed(0), mega_batch_mult)
+    assert sorted(order) == list(range(rows))
+    megabatch = batch_size * mega_batch_mult
+    short = sum(min(megabatch, rows - start) % batch_size for start in range(0, rows, megabatch))
+    assert short > 0  # the case under test
+    assert sorted(LengthBucketSampler(lengths, batch_size, seed=1)) == list(range(rows))
+
+
 def test_length_bucket_order_depends_on_seed_and_epoch_only():
     """A resumed run skips the batches already trained by replaying the epoch's order: that order must not depend on
     the global generator, whose state at the epoch's start differs between the original and the resumed process."""

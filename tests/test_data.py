@@ -237,3 +237,23 @@ def test_malformed_jsonl_names_the_file_and_line(tmp_path, capsys, qwen2_base, b
     data.write_text(f"{good}\n\n{bad_line}\n{good}\n")
     assert main(["train", "--config", str(train_recipe(tmp_path, qwen2_base, data))]) == 2
     assert f"dataset {data} {reason}" in one_line_error(capsys)
+
+
+def test_validation_rows_are_held_out_of_the_training_rows(tmp_path, qwen2_base, sum_data):
+    """validation_fraction: the rows the trainer gets and the rows it validates on are disjoint and together the
+    whole file (the slow sweep test sees this only through trained runs)."""
+    from sfn_train.config import parse_recipe
+    from sfn_train.train import load_datasets, load_train_tokenizer
+
+    script_args, training_args, model_args, sfn_args = parse_recipe(
+        ["--config", str(train_recipe(tmp_path, qwen2_base, sum_data, validation_fraction=0.25))])
+    train, validation, counts = load_datasets(script_args, training_args, sfn_args, load_train_tokenizer(model_args))
+    prompts = [json.loads(line)["prompt"] for line in sum_data.read_text().splitlines()]
+
+    def texts(dataset) -> list[str]:  # the rows' prompts, wrapped as one user turn by the chat template
+        return [p if isinstance(p, str) else p[-1]["content"] for p in dataset["prompt"]]
+
+    assert len(set(prompts)) == len(prompts) == 32 and validation is not None and len(validation) > 0
+    assert not set(texts(train)) & set(texts(validation))
+    assert sorted([*texts(train), *texts(validation)]) == sorted(prompts)
+    assert (counts["train_rows"], counts["validation_rows"]) == (len(train), len(validation))

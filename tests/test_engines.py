@@ -206,6 +206,92 @@ def test_fsdp_checkpoint_completeness(tmp_path):
     assert problems(folder, 2) == ["optimizer.bin is not a complete torch file (BadZipFile)"]
 
 
+def test_deepspeed_or_fsdp_without_a_launcher_sets_up_a_world_of_one(monkeypatch):
+    """What `sfn train` does before the model loads when a recipe names DeepSpeed or FSDP and no launcher ran: the
+    environment of `torchrun --nproc_per_node 1`, and the device set-up redone so that the Trainer sees it. Under a
+    launcher nothing is changed. (The slow test runs it end to end.)"""
+    from types import SimpleNamespace
+
+    from sfn_train.startup import init_distributed
+
+    world = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    for name in {*world, "OMPI_COMM_WORLD_RANK", "PMI_RANK"}:
+        monkeypatch.setenv(name, "unset")  # recorded, so that the test leaves the environment as it found it
+        monkeypatch.delenv(name)
+    args = SimpleNamespace(deepspeed=None, fsdp="full_shard", hf_deepspeed_config=None, deepspeed_plugin=None,
+                           device="cpu", _setup_devices="cached before the world existed")
+    init_distributed(args)
+    assert {n: os.environ[n] for n in world[:5]} == dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                                                          LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    assert 0 < int(os.environ["MASTER_PORT"]) < 65536 and "_setup_devices" not in vars(args)
+    launched = SimpleNamespace(**{**vars(args), "_setup_devices": "cached"})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    init_distributed(launched)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], launched._setup_devices) == ("1", "2", "cached")
+
+
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of one process in this test's own process, taken down afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_engine_in_effect_is_read_from_the_live_model(world_of_one):
+    """Which engine runs, from the wrapped model and its parameters: FSDP2 DTensors, a DDP wrapper, ZeRO-3
+    partitions, or nothing; and a request the live model contradicts is named. (Slow tests run the real engines.)"""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import fully_shard
+
+    from sfn_train.engine import EngineRequest, engine_in_effect, mismatch
+    from sfn_train.tiny import tiny_model
+
+    def trainer(model, wrapped=None, deepspeed=False):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        return SimpleNamespace(model=model, model_wrapped=wrapped or model, is_deepspeed_enabled=deepspeed,
+                               optimizer=optimizer, args=SimpleNamespace(world_size=1))
+
+    def model():
+        m = tiny_model("qwen2", hidden=32, layers=2)
+        for name, p in m.named_parameters():
+            p.requires_grad_("o_proj" in name)
+        return m
+
+    plain = model()
+    n = len(list(plain.parameters()))
+    single = engine_in_effect(trainer(plain))
+    assert (single["engine"], single["processes"], single["optimizer_tensors"]) == ("single_process", 1, 2)
+    ddp = engine_in_effect(trainer(plain, torch.nn.parallel.DistributedDataParallel(plain)))
+    assert ddp["engine"] == "ddp"
+    sharded = model()
+    for layer in sharded.model.layers:
+        fully_shard(layer)
+    fully_shard(sharded)
+    fsdp2 = engine_in_effect(trainer(sharded))
+    assert fsdp2["engine"] == "fsdp2" and fsdp2["sharded_dtensor_params"] == n
+    zero = model()
+    wrapped = SimpleNamespace(zero_optimization_stage=lambda: 3)
+    assert engine_in_effect(trainer(zero, wrapped, deepspeed=True))["engine"] == "deepspeed_zero3"
+    for p in zero.parameters():
+        p.ds_tensor = p.data.view(-1)[:1]  # what ZeRO-3 leaves on a partitioned parameter
+    assert engine_in_effect(trainer(zero, wrapped, deepspeed=True))["partitioned_params"] == n
+
+    fsdp2_asked = EngineRequest("fsdp2", "recipe", "fsdp_config")
+    assert mismatch(fsdp2_asked, fsdp2) is None
+    assert mismatch(fsdp2_asked, ddp) == ("recipe asks for fsdp2, but training runs as ddp (no parameter is a sharded "
+                                          "DTensor: the FSDP settings were dropped)")
+    assert mismatch(EngineRequest("deepspeed_zero3", "recipe"), {"engine": "deepspeed_zero3"}) == \
+        "ZeRO-3 is on, but no parameter is partitioned"
+    assert mismatch(EngineRequest("ddp", "accelerate launch"), single) is None
+
+
 def test_fsdp_precision_record_says_what_the_engine_did():
     """Under FSDP the engine decides the trained tensors' dtype (accelerate's FSDP2 upcasts them to fp32 under mixed
     precision, and leaves them as loaded without): the manifest's record follows the live parameters, not a guess."""

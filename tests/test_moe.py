@@ -103,6 +103,25 @@ def test_names_translate_both_ways_as_transformers_loads_and_saves(moe_bases, ar
             assert torch.equal(tensor.contiguous(), ckpt.tensor(disk_name)), disk_name
 
 
+@pytest.mark.parametrize("arch, experts", [("qwen3_moe", {"num_experts": 12}), ("mixtral", {"num_local_experts": 12})])
+def test_twelve_experts_stack_in_expert_order_both_ways(tmp_path, arch, experts):
+    """Past 10 experts the string order of the stored names (experts.10 before experts.2) is not the expert order:
+    the stored tensors must stack into exactly the fused tensors from_pretrained builds, and split back into them."""
+    from sfn_train.names import memory_tensors
+    from sfn_train.tiny import save_tiny_checkpoint
+
+    base = save_tiny_checkpoint(tmp_path / arch, arch, seed=0, hidden=32, layers=2, **experts)
+    model, stored = load_model(base), load_tensors(base)
+    names = NameMap.from_model(model, stored)
+    fused = {n: p.detach() for n, p in model.named_parameters() if len(names.disk_names_of(n)) > 1}
+    assert len(fused) == 4 and all(len(names.disk_names_of(n)) >= 12 for n in fused)  # 2 layers x 2 fused tensors
+    rebuilt = memory_tensors(model, stored)
+    for name, value in fused.items():
+        assert torch.equal(rebuilt[name], value), f"{name}: stored experts stacked in another order"
+        for disk_name, tensor in disk_tensors(model, {name: value}).items():
+            assert torch.equal(tensor.contiguous(), stored[disk_name]), disk_name
+
+
 # ---------------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("modules", ["o_proj", "mlp", "experts", "all"])
 @pytest.mark.parametrize("arch", TRAINED_ARCHS)

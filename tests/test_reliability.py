@@ -129,8 +129,9 @@ def kill_and_resume(tmp_path, base, data, processes: int, **keys) -> None:
     # The kill really interrupted the run: no final weights, and the manifest is not marked complete.
     assert json.loads((out / "sfn_manifest.json").read_text())["status"] == "running"
     assert not (out / "sfn_plugin.safetensors").exists()
-    start, _ = latest_complete_checkpoint(out, processes)
-    assert start is not None and int(start.name.split("-")[1]) >= 10
+    start_step = max(filter(None, (finished_step(p, processes) for p in out.glob("checkpoint-*"))))
+    start = out / f"checkpoint-{start_step}"
+    assert start_step >= 10 and latest_complete_checkpoint(out, processes)[0] == start
 
     resumed = write_recipe(tmp_path / "killed" / "resume.yaml",
                            **{**__import__("yaml").safe_load(recipe.read_text()), "resume_from_checkpoint": True})
@@ -140,11 +141,21 @@ def kill_and_resume(tmp_path, base, data, processes: int, **keys) -> None:
     assert manifest["status"] == "complete"
     # Training is deterministic: a resumed run that silently started over would end on the same weights. What the
     # Trainer ran shows it did not: it started at the checkpoint's step and ran only the remaining optimizer steps.
-    start_step = int(start.name.split("-")[1])
     assert manifest["engine"]["steps"] == {"resumed_at": start_step,
                                            "run_in_this_process": keys["max_steps"] - start_step}
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == keys["max_steps"]
     assert_same_weights(out, reference)
+
+
+def finished_step(folder: Path, processes: int) -> int | None:
+    """The step of a checkpoint whose save finished, read without sfn_train.resume: the Trainer writes
+    trainer_state.json last, after every process's RNG state; None for a save cut short."""
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError):
+        return None
+    rng = ["rng_state.pth"] if processes == 1 else [f"rng_state_{r}.pth" for r in range(processes)]
+    return step if folder.name == f"checkpoint-{step}" and all((folder / f).is_file() for f in rng) else None
 
 
 KILL_KEYS = dict(max_steps=60, save_strategy="steps", save_steps=5, logging_steps=5, disable_tqdm=True)
@@ -199,6 +210,21 @@ def test_checkpoint_checks_name_each_problem(tmp_path, reference_run):
     renamed = tmp_path / "renamed" / "checkpoint-3"
     shutil.copytree(good, renamed)
     assert problems(renamed) == ["trainer_state.json is for step 2"]
+
+
+def test_resume_picks_the_newest_of_several_complete_checkpoints(tmp_path, reference_run):
+    """Three complete checkpoints, one of them numbered past 9 (where the string order of the names is not the step
+    order): the newest by step is chosen. The expected folder is read from the trainer states, not from resume.py."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for step in (2, 4):
+        shutil.copytree(reference_run / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    shutil.copytree(reference_run / "checkpoint-6", out / "checkpoint-10")  # a later step, as a longer run saves it
+    state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
+    (out / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({**state, "global_step": 10}))
+    steps = {json.loads((p / "trainer_state.json").read_text())["global_step"]: p for p in out.iterdir()}
+    assert sorted(steps) == [2, 4, 10] and all(problems(p) == [] for p in steps.values())
+    assert latest_complete_checkpoint(out) == (steps[max(steps)], {})
 
 
 def test_resume_skips_incomplete_checkpoints(tmp_path, qwen2_base, sum_data, reference_run, caplog):

@@ -434,6 +434,29 @@ def test_shipped_study_parses_and_plans(path, monkeypatch):
     assert "[report]" in plan_text(path.relative_to(REPO))
 
 
+def test_the_training_stage_is_keyed_by_the_dataset_content(tmp_path, qwen2_base, monkeypatch):
+    """The dataset file a recipe names is an input by content: the same path with one row edited is a new key for the
+    fine-tune's training stage, and the same content again is the old key."""
+    from sfn_train.study import load_study
+    from sfn_train.study.pipeline import StudyPipeline
+
+    monkeypatch.setenv("SFN_FINGERPRINT_CACHE", "off")
+    data = tmp_path / "rows.jsonl"
+    rows = '{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2=", "completion": "4"}\n'
+    data.write_text(rows)
+    recipe = write_recipe(tmp_path / "oproj.yaml", model_name_or_path=str(qwen2_base), dataset_name=str(data))
+    study = _study(tmp_path, base=str(qwen2_base), finetune=[{"name": "oproj", "recipe": str(recipe)}])
+
+    def key() -> str:
+        return StudyPipeline(load_study(study), study, tmp_path / "out", log=lambda _: None).runner.key("train:oproj")
+
+    before = key()
+    data.write_text(rows.replace('"4"', '"5"'))
+    edited = key()
+    data.write_text(rows)
+    assert edited != before and key() == before
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The stage runner itself
 
