@@ -77,6 +77,53 @@ def plugin_record(selection: Selection) -> dict:
     return {"file": None, "skipped": reason} if reason else {"file": PLUGIN_FILE}
 
 
+def drop_tied_copies(output_dir: Path, model) -> list[str]:
+    """Store tied weights in the saved checkpoint as save_pretrained stores them: the source only.
+
+    With tied weights (`tie_word_embeddings`: lm_head.weight is model.embed_tokens.weight) save_pretrained writes
+    the source alone, because the two names share storage. A save from a state dict that an engine gathered (FSDP2's
+    full state dict) holds separate copies, and both names get written: the checkpoint would then have a tensor the
+    base lacks. Each target of `model.all_tied_weights_keys` ({target: source}) stored next to its source with equal
+    values is removed from its file (and from the index). Returns the names removed.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from .checkpoint import INDEX_FILE, Checkpoint, atomic_file
+
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    saved = Checkpoint(output_dir)
+    pairs = {t: s for t, s in tied.items() if t in saved.tensors and s in saved.tensors}
+    if not pairs:
+        return []
+    dropped = []
+    for target, source in sorted(pairs.items()):
+        if torch.equal(saved.tensor(target), saved.tensor(source)):
+            dropped.append(target)
+        else:
+            logger.warning("%s is tied to %s but the saved values differ: both are kept.", target, source)
+    for file in sorted({saved.tensors[name].file for name in dropped}):
+        tensors = load_file(file)
+        for name in dropped:
+            tensors.pop(name, None)
+        with atomic_file(file) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+    index = Path(output_dir) / INDEX_FILE
+    if dropped and index.exists():
+        data = json.loads(index.read_text())
+        for name in dropped:
+            data["weight_map"].pop(name, None)
+            if "total_size" in data.get("metadata", {}):
+                data["metadata"]["total_size"] -= saved.tensors[name].nbytes
+        with atomic_file(index) as tmp:
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if dropped:
+        logger.info("tied weights saved as the base stores them: dropped the gathered copies %s.", ", ".join(dropped))
+    return dropped
+
+
 def write_plugin_from_checkpoint(output_dir: Path, selection: Selection, fingerprint: str | None,
                                  tensors: dict | None = None, model=None) -> Path | None:
     """Write `sfn_plugin.safetensors` after the checkpoint was saved.

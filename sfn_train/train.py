@@ -28,6 +28,7 @@ from .outputs import (
     Selection,
     base_fingerprint,
     build_manifest,
+    drop_tied_copies,
     plugin_skip_reason,
     recipe_record,
     save_full_precision,
@@ -410,6 +411,7 @@ def save_run(run: Run, trainer, metrics: dict, records: dict) -> None:
                                     run.tokenizer, tensors=plugin_tensors)
                 model.generation_config.save_pretrained(output_dir)  # the run's (stop tokens), not the base's
             else:
+                drop_tied_copies(output_dir, model)  # a gathered state dict holds both names of a tied weight
                 write_plugin_from_checkpoint(output_dir, selection, run.fingerprint, tensors=plugin_tensors,
                                              model=model)
                 if masters.engine == "fsdp":

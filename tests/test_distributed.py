@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, changed_tensors, load_tensors, train_recipe
+from helpers import REPO, changed_tensors, load_tensors, train_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +46,24 @@ def test_two_process_run_changes_only_the_selection(tmp_path, qwen2_base, sum_da
     total = sum(t.numel() for t in load_tensors(qwen2_base).values())
     assert manifest["selection"]["trainable_params"] == 16384 and manifest["selection"]["total_params"] == total
     assert f"trainable: 16,384 of {total:,} params" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_tied_embeddings_are_saved_as_the_base_stores_them(tmp_path, llama_tied_base, sum_data, engine):
+    """A tied-embedding base stores model.embed_tokens.weight only. Engines that gather the weights for the save
+    (FSDP2: a full state dict of separate copies; ZeRO-3: a consolidated one) must not add lm_head.weight."""
+    keys = {"per_device_train_batch_size": 2}
+    if engine == "fsdp2":
+        keys.update(fsdp=True, fsdp_config=str(REPO / "ds_configs" / "fsdp2.json"))
+    else:
+        keys["deepspeed"] = str(REPO / "ds_configs" / "zero3.json")
+    torchrun(train_recipe(tmp_path, llama_tied_base, sum_data, **keys))
+    out = tmp_path / "out"
+    base, saved = load_tensors(llama_tied_base), load_tensors(out)
+    assert "lm_head.weight" not in base and sorted(saved) == sorted(base)
+    assert changed_tensors(llama_tied_base, out)[0] == O_PROJ
+    manifest = json.loads((out / "sfn_manifest.json").read_text())
+    assert manifest["engine"]["in_effect"]["engine"] == {"fsdp2": "fsdp2", "zero3": "deepspeed_zero3"}[engine]
 
 
 # `sfn train` under torchrun, with each rank recording what `load_model` (from_pretrained) handed back.
@@ -93,7 +111,7 @@ def test_zero3_with_activation_checkpointing_and_frozen_params(tmp_path, qwen2_b
 
 
 def test_zero3_without_gathered_save_is_refused(tmp_path, capsys, qwen2_base, sum_data):
-    from conftest import one_line_error
+    from helpers import one_line_error
     from sfn_train.cli import main
 
     config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())

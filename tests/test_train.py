@@ -353,3 +353,24 @@ def test_missing_model_is_one_line(tmp_path, capsys, sum_data):
     assert "no-such-model" in line and "model_name_or_path" in line
     line = run_bad(tmp_path, capsys, "nobody/no-such-model", sum_data)
     assert "nobody/no-such-model" in line
+
+
+def test_a_gathered_copy_of_a_tied_weight_is_dropped(tmp_path, llama_tied_base):
+    """What an FSDP2 save writes for a tied-embedding model (lm_head.weight next to model.embed_tokens.weight, equal)
+    becomes the base's layout again; a normal save is left as it is. (The 2-process runs: tests/test_distributed.py.)"""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from sfn_train.outputs import drop_tied_copies
+
+    model = AutoModelForCausalLM.from_pretrained(llama_tied_base)
+    out = tmp_path / "out"
+    shutil.copytree(llama_tied_base, out)
+    assert drop_tied_copies(out, model) == [] and load_tensors(out).keys() == load_tensors(llama_tied_base).keys()
+    tensors = load_file(out / "model.safetensors")
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    assert drop_tied_copies(out, model) == ["lm_head.weight"]
+    assert changed_tensors(llama_tied_base, out) == (set(), set(load_tensors(llama_tied_base)))
