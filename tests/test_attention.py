@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from conftest import changed_tensors, one_line_error, train_recipe
+from helpers import changed_tensors, one_line_error, train_recipe
 from sfn_train import startup
 from sfn_train.cli import main
 from sfn_train.config import parse_recipe

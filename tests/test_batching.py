@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import train_recipe
+from helpers import train_recipe
 from sfn_train.batching import LENGTH_BUCKETS, LengthBucketSampler, length_bucket_order
 from sfn_train.startup import resolve_batching
 

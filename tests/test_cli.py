@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import one_line_error, train_recipe
+from helpers import one_line_error, train_recipe
 from sfn_train.cli import main
 
 

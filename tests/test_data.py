@@ -12,7 +12,7 @@ import logging
 
 import pytest
 
-from conftest import one_line_error, train_recipe
+from helpers import one_line_error, train_recipe
 from sfn_train.cli import main
 from sfn_train.errors import SfnError
 

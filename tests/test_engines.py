@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, changed_tensors, load_tensors, one_line_error, train_recipe, write_recipe
+from helpers import REPO, changed_tensors, load_tensors, one_line_error, train_recipe, write_recipe
 from sfn_train.cli import main
 
 O_PROJ = {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(4)}

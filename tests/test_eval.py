@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import one_line_error
+from helpers import one_line_error
 from sfn_train.errors import SfnError
 from sfn_train.manifest import manifest_problems
 from sfn_train.evaluation import grading
@@ -289,7 +289,7 @@ def test_no_p_value_is_printed_with_a_fixed_format():
     """Every report prints p through `format_p`; a `p={...:.3f}` anywhere would print p=0.000 again."""
     import re
 
-    from conftest import REPO
+    from helpers import REPO
 
     offenders = [f"{path.relative_to(REPO)}: {m.group(0)}" for path in (REPO / "sfn_train").rglob("*.py")
                  for m in re.finditer(r"p=\{[^}]*p_value[^}]*\}", path.read_text())]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import one_line_error
+from helpers import one_line_error
 from sfn_train.checkpoint import Checkpoint, fingerprint
 from sfn_train.errors import SfnError
 from sfn_train.evaluation.context import context_length

@@ -551,7 +551,7 @@ def test_cli_commands_end_to_end(ckpts, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained_qa(ckpts, tmp_path_factory):
     """qa as a finished training run leaves it: weights, model files, and the run's own records."""
-    from conftest import with_run_records
+    from helpers import with_run_records
 
     return with_run_records(ckpts["qa"], tmp_path_factory.mktemp("run") / "qa_run")
 
@@ -571,7 +571,7 @@ GADGET_OUTPUTS = {
 
 @pytest.mark.parametrize("gadget", list(GADGET_OUTPUTS))
 def test_outputs_take_the_model_files_and_none_of_the_base_runs_records(ckpts, trained_qa, tmp_path, gadget):
-    from conftest import RUN_RECORDS
+    from helpers import RUN_RECORDS
 
     out = tmp_path / "out"
     GADGET_OUTPUTS[gadget](trained_qa, ckpts, out)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import REPO
+from helpers import REPO
 
 LAYERS = {"gadgets": 1, "evaluation": 1, "lab": 2, "study": 2}  # sub-package -> layer; the top-level modules are layer 0
 

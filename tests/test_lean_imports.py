@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, changed_tensors, train_recipe
+from helpers import REPO, changed_tensors, train_recipe
 
 O_PROJ = {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(4)}
 

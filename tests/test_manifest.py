@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from sfn_train.errors import SfnError
 from sfn_train.manifest import KINDS, MANIFEST_FILE, PROVENANCE_FIELDS, manifest_problems, new_manifest, write_manifest
 

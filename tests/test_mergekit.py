@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import load_tensors
+from helpers import load_tensors
 from sfn_train.gadgets import merge
 from sfn_train.tiny import save_tiny_checkpoint
 

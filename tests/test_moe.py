@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from conftest import changed_tensors, load_tensors, train_recipe
+from helpers import changed_tensors, load_tensors, train_recipe
 from sfn_train.checkpoint import Checkpoint
 from sfn_train.cli import main
 from sfn_train.names import NameMap, disk_tensors

@@ -14,7 +14,7 @@ import torch
 
 from transformers import TrainerCallback
 
-from conftest import load_tensors, train_recipe
+from helpers import load_tensors, train_recipe
 from sfn_train.cli import main
 from sfn_train.config import parse_recipe
 from sfn_train.train import run_sft

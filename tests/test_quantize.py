@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     REPO,
     RUN_RECORDS,
     assert_resumes_from_step_2,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from sfn_train.config import parse_recipe
 from sfn_train.roles import normalize_modules
 

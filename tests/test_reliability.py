@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, load_tensors, one_line_error, train_recipe, write_recipe
+from helpers import REPO, load_tensors, one_line_error, train_recipe, write_recipe
 from sfn_train.cli import main
 from sfn_train.errors import SfnError
 from sfn_train.resume import latest_complete_checkpoint, problems

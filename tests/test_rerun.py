@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from conftest import one_line_error, run_with_callbacks, train_recipe
+from helpers import one_line_error, run_with_callbacks, train_recipe
 from sfn_train.cli import main
 
 SAVE = dict(save_strategy="steps", save_steps=2, disable_tqdm=True)

@@ -272,7 +272,7 @@ def test_two_unnamed_layer_stacks_are_refused_with_both_named():
 
 
 def test_empty_trainable_layers_is_an_error_not_all(tmp_path, qwen2_base, sum_data):
-    from conftest import train_recipe
+    from helpers import train_recipe
 
     from sfn_train.cli import main
 

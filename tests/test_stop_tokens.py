@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from conftest import train_recipe
+from helpers import train_recipe
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, one_line_error, write_recipe
+from helpers import REPO, one_line_error, write_recipe
 from sfn_train.cli import main
 from sfn_train.manifest import manifest_problems
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import train_recipe
+from helpers import train_recipe
 from sfn_train.errors import SfnError
 from sfn_train.sweep import choose_best, grid_points, parse_grid
 

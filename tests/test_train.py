@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     assert_resumes_from_step_2,
     changed_tensors,
     load_tensors,

@@ -11,7 +11,7 @@ import logging
 
 import pytest
 
-from conftest import one_line_error, train_recipe
+from helpers import one_line_error, train_recipe
 from sfn_train.errors import SfnError
 
 MAX = 96
