@@ -256,7 +256,7 @@ def test_sigint_to_the_sweep_stops_its_training_child(tmp_path, qwen2_base, sum_
     import signal
     import time
 
-    from conftest import REPO
+    from helpers import REPO
 
     fake = tmp_path / "fake_train.py"
     fake.write_text(FAKE_TRAIN)
