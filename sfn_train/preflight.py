@@ -59,3 +59,56 @@ def check_hub(training_args) -> None:
 def check_outside_needs(training_args) -> None:
     check_report_to(training_args)
     check_hub(training_args)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that means a folder: starts with . / ~, has more than one slash, or starts in an existing local folder
+    (`lab/bse` beside a `lab/` folder). A hub id is `org/name` (or a bare legacy name)."""
+    from pathlib import Path
+
+    first = name.split("/", 1)[0]
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/")
+            or ("/" in name and Path(first).is_dir()))
+
+
+def check_model_source(name: str, key: str = "model_name_or_path", revision: str | None = None) -> None:
+    """Fail at once, in one line, where loading `name` could only fail after the hub's retries: a path-looking name
+    that does not exist, or a hub id that is not in the local cache while the hub is out of reach (HF_HUB_OFFLINE=1,
+    or no network). A local folder, a cached hub id and a reachable hub pass."""
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise SfnError(f"{key} {name} is a file: pass the checkpoint folder that holds it.")
+    if _looks_like_path(name):
+        from .arguments import did_you_mean
+
+        parent = path.parent if path.parent.is_dir() else None
+        hint = did_you_mean([path.name], [p.name for p in parent.iterdir() if p.is_dir()]) if parent else ""
+        raise SfnError(f"{key} {name} does not exist{hint}: pass an existing checkpoint folder (relative paths start "
+                       f"from {Path.cwd()}).")
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return  # in the hub cache: loads without the network
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise SfnError(f"{key} {name} is neither a local folder nor in the hub cache, and HF_HUB_OFFLINE=1 keeps the "
+                       "hub out of reach: pass a local checkpoint folder, or download it first (`hf download "
+                       f"{name}`) where the hub is reachable.")
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        model_info(name, revision=revision, timeout=10)
+    except GatedRepoError:
+        return  # the hub answered; access is the loader's business (a token may come from elsewhere)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        what = " revision" if isinstance(exc, RevisionNotFoundError) else ""
+        raise SfnError(f"{key} {name} is not a local folder and the hub has no such model{what}: check the spelling, "
+                       "or pass a local checkpoint folder.") from None
+    except HfHubHTTPError:
+        return  # the hub answered otherwise: the loader says what it means
+    except Exception as exc:  # noqa: BLE001 - no answer at all: a connection error or a timeout
+        raise SfnError(f"{key} {name} is not a local folder and the hub cannot be reached ({type(exc).__name__}): "
+                       "pass a local checkpoint folder, or set HF_HUB_OFFLINE=1 to load from the hub cache.") from None

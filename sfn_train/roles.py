@@ -403,6 +403,9 @@ def select_cli_main(argv: list[str]) -> int:
     parser.add_argument("--layers", default="all", help="`all`, a range `0-11`, or `3,5`")
     parser.add_argument("--trust_remote_code", action="store_true")
     ns = parser.parse_args(argv)
+    from .preflight import check_model_source
+
+    check_model_source(ns.model, "model")  # a mistyped folder or an unreachable hub: at once, not after retries
     try:
         config = AutoConfig.from_pretrained(ns.model, trust_remote_code=ns.trust_remote_code)
     except (OSError, ValueError) as exc:

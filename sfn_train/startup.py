@@ -223,9 +223,10 @@ def deepspeed_stage(training_args) -> int | None:
 
 def check_run_setup(training_args, model_args, sfn_args) -> None:
     """Refuse, before any model is loaded, the combinations that would waste a run or fail late."""
-    from .preflight import check_outside_needs
+    from .preflight import check_model_source, check_outside_needs
 
     check_outside_needs(training_args)  # report_to integrations installed, the hub reachable for push_to_hub
+    check_model_source(model_args.model_name_or_path, revision=model_args.model_revision)  # not after hub retries
     if sfn_args.quantize_frozen != "none":
         # bitsandbytes must be able to quantize and backpropagate on this device (a tiny probe), and the run
         # must be single-process or DDP; otherwise one line now, not a traceback after the model has loaded.

@@ -57,3 +57,22 @@ def test_gadget_layer_errors_name_the_flag(tmp_path, capsys, qwen2_base):
     assert main(["merge", str(qwen2_base), str(qwen2_base), "--out", str(tmp_path / "m"), "--layers", "0-13"]) == 2
     line = one_line_error(capsys)
     assert "--layers [4, 5, 6, 7, 8, 9, 10, 11, 12, 13] out of range" in line and "trainable_layers" not in line
+
+
+def test_a_missing_model_fails_at_once(tmp_path, capsys, monkeypatch, qwen2_base, sum_data):
+    """A path-looking name that does not exist is not looked up on the hub (56 s of retries before); offline, a hub
+    id not in the cache says HF_HUB_OFFLINE=1 and how to pass a local folder."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lab" / "base").mkdir(parents=True)
+    recipe = train_recipe(tmp_path, qwen2_base, sum_data, model_name_or_path="lab/bse")
+    started = time.monotonic()
+    assert main(["train", "--config", str(recipe)]) == 2
+    assert "model_name_or_path lab/bse does not exist (did you mean base?)" in one_line_error(capsys)
+    assert time.monotonic() - started < 10 and not (tmp_path / "out").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["select", "no-such-org/no-such-model"]) == 2
+    line = one_line_error(capsys)
+    assert "neither a local folder nor in the hub cache, and HF_HUB_OFFLINE=1" in line and "local checkpoint folder" \
+        in line
