@@ -129,3 +129,15 @@ def test_cli_json_contract(tmp_path, capsys):
     assert isinstance(plan["peak_bytes"], int) and plan["peak_bytes_with_margin"] > plan["peak_bytes"]
     assert plan["fits"] is True and plan["world_size"] == 2 and plan["recipe"]["max_length"] == 128
     assert sum(plan["breakdown"].values()) == plan["peak_bytes"]
+
+
+def test_find_max_length_is_the_longest_that_fits(tmp_path):
+    from sfn_train.memory import plan_memory
+    from sfn_train.memory.plan import find
+
+    model = _checkpoint_folder(tmp_path, vocab_size=2000, hidden=128, layers=2)
+    argv = ["--config", str(_recipe(tmp_path, model, attn_implementation="eager", per_device_train_batch_size=8))]
+    found = find(argv, "max_length", 1, 1, 0.5, device="cpu")
+    assert found["value"] and found["value"] % 64 == 0 and found["plan"]["fits"], found["value"]
+    longer = plan_memory([*argv, "--max_length", str(found["value"] + 64)], device="cpu", gpu_memory_gib=0.5)
+    assert longer["fits"] is False

@@ -220,26 +220,34 @@ def find(argv: list[str], what: str, nproc: int, nnodes: int, gpu_memory_gib: fl
                 return {"find": "nproc", "value": n, "plan": plan}
         return {"find": "nproc", "value": None, "plan": plan}
     key = {"max_length": "--max_length", "batch": "--per_device_train_batch_size"}[what]
-    lo, hi, best, best_plan = 0, None, None, None
+    step, cap = (64, 1 << 20) if what == "max_length" else (1, 4096)
+    plans = {}
+
+    def fits(value: int) -> bool:
+        plans[value] = plan_memory([*argv, key, str(value)], nproc, nnodes, gpu_memory_gib, device)
+        return plans[value]["fits"]
+
+    # exponential search from 1024 tokens (or 1 row) in the direction that matters, then bisection to `step`
+    lo, hi = None, None
     value = 1024 if what == "max_length" else 1
-    step = 1024 if what == "max_length" else 1
-    while True:  # double until it does not fit, then bisect (max_length in multiples of 1024)
-        plan = plan_memory([*argv, key, str(value)], nproc, nnodes, gpu_memory_gib, device)
-        if not plan["fits"]:
-            hi = value
-            break
-        lo, best, best_plan = value, value, plan
-        if value >= (1 << 20 if what == "max_length" else 4096):
-            break
-        value *= 2
-    while hi is not None and hi - lo > step:
-        mid = (lo + hi) // 2 // step * step
-        plan = plan_memory([*argv, key, str(mid)], nproc, nnodes, gpu_memory_gib, device)
-        if plan["fits"]:
-            lo, best, best_plan = mid, mid, plan
+    while lo is None or hi is None:
+        if fits(value):
+            lo = value
+            if value >= cap:
+                break
+            value = min(value * 2, cap)
         else:
-            hi = mid
-    return {"find": what, "value": best, "plan": best_plan or plan}
+            hi = value
+            if value <= step:
+                break
+            value = max(value // 2 // step * step, step)
+        if lo is not None and hi is not None and hi < lo:
+            break
+    while lo is not None and hi is not None and hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    last = plans[lo] if lo is not None else plans[min(plans)]
+    return {"find": what, "value": lo, "plan": last}
 
 
 def _fmt(n: int) -> str:
