@@ -1,9 +1,13 @@
-# make install : .venv with everything (CPU torch 2.13.0 here; on a node with an NVIDIA driver, the CUDA torch pip finds)
+# make install : .venv with everything (CPU torch 2.13.0 here; on a node with an NVIDIA driver, the CUDA torch pip finds),
+#                every other package at the tested version in constraints.txt (docs/reproducibility.md)
+#                newer versions: make install VENV=.venv-new CONSTRAINTS=   (pyproject.toml's lower bounds only)
 # make test    : the test suite (what .ci/run calls)
 # make demo    : the built-in SfN lab end to end on CPU (installs first if needed)
 PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
+CONSTRAINTS ?= constraints.txt
+PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
 .PHONY: install test test-fast demo clean
 
@@ -15,11 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	@# Pin torch first: an unpinned torch pulls a multi-GB CUDA build on CPU-only machines, and the later install
 	@# must never upgrade it (pip leaves an already satisfied torch>=2.13 alone).
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-		$(PIP) install -q "torch>=2.13.0"; \
+		$(PIP) install -q $(PIN) "torch>=2.13.0"; \
 	else \
-		$(PIP) install -q torch==2.13.0; \
+		$(PIP) install -q $(PIN) torch==2.13.0; \
 	fi
-	DS_BUILD_OPS=0 $(PIP) install -q -e ".[test]"
+	DS_BUILD_OPS=0 $(PIP) install -q $(PIN) -e ".[test]"
 	touch $@
 
 # DeepSpeed compiles its CPU communication op on first use into TORCH_EXTENSIONS_DIR; one per venv, so that two

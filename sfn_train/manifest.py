@@ -10,6 +10,11 @@ Every output carries the same provenance fields (`PROVENANCE_FIELDS`), then the 
 - `versions`: Python and the installed stack (`null` for a package that is not installed)
 - `git`: `{revision, dirty}` of the sfn-train source when it runs from a git checkout, else nulls
 
+and, after them, `runtime`: what else changes numbers on the same versions (`runtime()`): torch's intra- and inter-op
+thread counts, the CPU kernel set ATen dispatches to (`cpu_capability`: AVX512, AVX2, ...), OMP_NUM_THREADS and
+ATEN_CPU_CAPABILITY as set, the CPU model and count, and the GPU. Measured (docs/reproducibility.md): the same seed
+on another CPU kernel set gives other weights, while thread count and transformers 5.24 vs 5.25 did not change them.
+
 A training run and each gadget write it as `sfn_manifest.json` in their output folder (`write_manifest`); an
 evaluation result file holds the same fields at its top level. docs/outputs.md lists the fields of each kind.
 """
@@ -31,7 +36,8 @@ SCHEMA = "sfn-manifest/1"
 KINDS = ("train", "merge", "destroy", "plugin apply", "delta", "eval", "study")
 PROVENANCE_FIELDS = ("schema", "kind", "written_at", "command", "sfn_train_version", "versions", "git")
 _PACKAGES = ("sfn-train", "torch", "transformers", "trl", "deepspeed", "accelerate", "datasets", "safetensors",
-             "bitsandbytes", "flash-attn", "math-verify", "vllm", "numpy")
+             "tokenizers", "bitsandbytes", "flash-attn", "math-verify", "vllm", "numpy")
+RUNTIME = "runtime"
 
 
 def versions() -> dict[str, str | None]:
@@ -42,6 +48,31 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def runtime() -> dict:
+    """Threads, CPU kernels and devices of this process: the torch figures are null when torch is not imported
+    (a process that runs no tensor code, such as `sfn study` itself, whose stages record their own)."""
+    info = {"torch_threads": None, "torch_interop_threads": None, "cpu_capability": None, "gpu": None,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
+            "machine": platform.machine(), "cpu": _cpu_model(), "cpu_count": os.cpu_count()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info.update(torch_threads=torch.get_num_threads(), torch_interop_threads=torch.get_num_interop_threads(),
+                    cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                    gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    return info
 
 
 def git_revision() -> dict[str, str | bool | None]:
@@ -77,12 +108,13 @@ def provenance(kind: str, command: str | None = None) -> dict:
         "sfn_train_version": __version__,
         "versions": versions(),
         "git": git_revision(),
+        RUNTIME: runtime(),
     }
 
 
 def new_manifest(kind: str, command: str | None = None, **fields) -> dict:
     """Provenance, then the fields of this kind of output."""
-    clash = set(fields) & set(PROVENANCE_FIELDS)
+    clash = set(fields) & {*PROVENANCE_FIELDS, RUNTIME}
     if clash:
         raise ValueError(f"internal error: manifest fields {sorted(clash)} are provenance fields")
     return {**provenance(kind, command), **fields}
@@ -121,6 +153,8 @@ def manifest_problems(data) -> list[str]:
         problems.append("`versions` lacks python, sfn-train or torch")
     if not isinstance(data["git"], dict) or set(data["git"]) != {"revision", "dirty"}:
         problems.append("`git` is not {revision, dirty}")
+    if RUNTIME in data and not (isinstance(data[RUNTIME], dict) and "torch_threads" in data[RUNTIME]):
+        problems.append("`runtime` is not a mapping with torch_threads")
     return problems
 
 
