@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, train_recipe
+from helpers import REPO, train_recipe
 
 
 def test_manifest_records_versions_threads_and_cpu_kernels():
