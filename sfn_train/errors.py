@@ -9,6 +9,13 @@ class SfnError(Exception):
     """A user-facing error: bad recipe, bad selection, bad checkpoint, bad data."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its repr when it has none), cut to `limit` characters: what a
+    one-line error quotes from a library's multi-line message."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else repr(exc))[:limit]
+
+
 # Disk full -------------------------------------------------------------------------------------------------------------
 # Python raises OSError(ENOSPC); the safetensors writer (Rust) raises SafetensorError with the OS error in its text.
 _DISK_FULL_TEXT = ("No space left on device", "os error 28", "code: 28,", "Disk quota exceeded", "os error 122")

@@ -158,6 +158,14 @@ def manifest_problems(data) -> list[str]:
     return problems
 
 
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A JSON record written by write_json, or None when it is missing or unreadable (a run that never wrote it)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def write_json(path: str | os.PathLike, data: dict, indent: int = 2) -> Path:
     """Write JSON via a temporary file and rename: readers never see half a file, and a failed write leaves none."""
     from .checkpoint import atomic_file

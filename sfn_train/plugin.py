@@ -34,7 +34,7 @@ from .checkpoint import (
     read_header,
 )
 from .errors import SfnError
-from .manifest import write_manifest
+from .manifest import MANIFEST_FILE, write_manifest
 from .shards import Entry, iter_chunks, layout_like, one_thread, write_checkpoint
 
 PLUGIN_FORMAT = "sfn-plugin/1"
@@ -63,7 +63,7 @@ def write_plugin(path: str | os.PathLike, tensors: dict, *, base_fingerprint: st
 def _no_plugin_written(path: Path) -> str | None:
     """The reason the training run next to `path` wrote no plugin (its manifest says why), if that is the case."""
     try:
-        record = json.loads((path.parent / "sfn_manifest.json").read_text()).get("plugin") or {}
+        record = json.loads((path.parent / MANIFEST_FILE).read_text()).get("plugin") or {}
     except (OSError, ValueError, AttributeError):
         return None
     if record.get("file") is None and record.get("skipped"):

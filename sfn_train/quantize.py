@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .errors import SfnError
+from .errors import SfnError, first_line
 
 logger = logging.getLogger("sfn_train")
 
@@ -70,14 +70,14 @@ def check_quantize_setup(training_args, mode: str) -> None:
     try:
         import bitsandbytes as bnb
     except Exception as exc:  # noqa: BLE001 - a broken install fails here in many ways; all mean the same to the user
-        raise SfnError(f"quantize_frozen: {mode} needs bitsandbytes, which cannot be imported ({_first_line(exc)}): "
+        raise SfnError(f"quantize_frozen: {mode} needs bitsandbytes, which cannot be imported ({first_line(exc)}): "
                        "pip install 'bitsandbytes>=0.50.2', or set quantize_frozen: none.") from None
     device = training_device(training_args)
     try:
         probe(mode, device)
     except Exception as exc:  # noqa: BLE001 - any failure of the probe means this backend cannot train here
         raise SfnError(f"quantize_frozen: {mode} cannot run on {device.type} with bitsandbytes {bnb.__version__} "
-                       f"({type(exc).__name__}: {_first_line(exc)}): set quantize_frozen: none, or train on a "
+                       f"({type(exc).__name__}: {first_line(exc)}): set quantize_frozen: none, or train on a "
                        "device bitsandbytes supports (a CUDA GPU).") from None
 
 
@@ -90,11 +90,6 @@ def probe(mode: str, device) -> None:
     layer(x).square().sum().backward()
     if x.grad is None or not torch.isfinite(x.grad).all():
         raise RuntimeError("no finite input gradient through the quantized layer")
-
-
-def _first_line(exc) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else repr(exc))[:200]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import warnings
 from trl import TrlParser
 
 from .arguments import SfnErrors, did_you_mean
-from .errors import SfnError
+from .errors import SfnError, first_line
 
 
 class RecipeParser(SfnErrors, TrlParser):
@@ -74,7 +74,7 @@ class RecipeParser(SfnErrors, TrlParser):
         except Exception as exc:  # noqa: BLE001 - any refusal of a dataclass is a recipe problem
             culprit = self._culprit(dtype, inputs, before)
             key = f" (key `{culprit}`)" if culprit else ""
-            raise SfnError(f"invalid {where} value{key}: {type(exc).__name__}: {_first_line(exc)}; check it "
+            raise SfnError(f"invalid {where} value{key}: {type(exc).__name__}: {first_line(exc, 300)}; check it "
                            "against `sfn train --help`.") from None
 
     @staticmethod
@@ -119,8 +119,3 @@ def _check_text_value(where: str, key: str, value, action) -> None:
         listed = ", ".join(choices[:12]) + (f", ... ({len(choices)} in all, see `sfn train --help`)"
                                              if len(choices) > 12 else "")
         raise SfnError(f"{where}: `{key}` is {value!r}; use one of {listed}.")
-
-
-def _first_line(exc) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else repr(exc))[:300]

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SfnError
+from .manifest import MANIFEST_FILE
 
 logger = logging.getLogger("sfn_train")
 
-MANIFEST = "sfn_manifest.json"
 REPLACED = ".replaced-run"  # the previous contents of output_dir while the run replacing them is not complete
 BUDGET_KEYS = {"max_steps", "num_train_epochs"}
 # Keys that say where and how this process starts, not what it trains; activation checkpointing's kwargs are filled
@@ -52,7 +52,7 @@ class OutputPlan:
 
 def read_manifest(folder: Path) -> dict | None:
     try:
-        data = json.loads((Path(folder) / MANIFEST).read_text())
+        data = json.loads((Path(folder) / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -90,7 +90,7 @@ def plan_output_dir(training_args, sfn_args) -> OutputPlan:
         logger.info("output_dir %s holds an interrupted run with no complete checkpoint: starting over in it.", out)
         return OutputPlan(out, replace=True)
     what = ("a finished run" if status == "complete" else
-            f"files of something other than an interrupted sfn train run ({MANIFEST} {'says ' + repr(status) if status else 'is missing'})")
+            f"files of something other than an interrupted sfn train run ({MANIFEST_FILE} {'says ' + repr(status) if status else 'is missing'})")
     raise SfnError(f"output_dir {out} holds {what}: choose another output_dir, or set `overwrite_output_dir: true` "
                    "to replace it.")
 

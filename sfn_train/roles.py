@@ -1,4 +1,5 @@
-"""Module roles across architectures, and the pure selection function behind the Freeze gadget.
+"""Module roles across architectures, and the pure selection function behind training only the named modules (the
+paper's Freeze stethoscope; docs/gadgets.md maps the paper's terms to sfn's).
 
 A *role* names what a weight does, whatever a model family calls it: `o_proj` is the attention output projection in
 Llama/Qwen (`self_attn.o_proj`), GPT-2 (`attn.c_proj`), GPT-NeoX (`attention.dense`), Phi (`self_attn.dense`),

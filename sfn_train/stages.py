@@ -8,7 +8,7 @@ stage's folder and runs it again, after removing the old marker first, so a kill
 marker that looks current. Each completed run gets a fresh `run_id`, which downstream stages that read files rather
 than checkpoints (a report) include in their own inputs.
 
-Used by `sfn study`; the lab's pipeline keeps its own markers until its redesign moves onto these.
+Used by `sfn study`. (The lab's pipeline, sfn_train/lab/pipeline.py, writes markers of its own.)
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class StageRunner:
         started = time.perf_counter()
         for i, name in enumerate(names, 1):
             stage = self.stages[name]
-            head = f"[{self.prefix} {i}/{len(names)} | {_clock(time.perf_counter() - started)}] {name} ({stage.what})"
+            head = f"[{self.prefix} {i}/{len(names)} | {clock(time.perf_counter() - started)}] {name} ({stage.what})"
             missing = self.missing_upstream(name)
             if missing is not None:
                 if check_upstream:
@@ -128,7 +128,7 @@ class StageRunner:
             self.ran.append(name)
             self.log(f"{head}: finished in {self.marker(name)['seconds']:.1f} s")
         self.log(f"[{self.prefix}] {len(self.ran)} stage(s) ran, {len(self.cached)} were done before; "
-                 f"{_clock(time.perf_counter() - started)} in all")
+                 f"{clock(time.perf_counter() - started)} in all")
         return {"ran": list(self.ran), "cached": list(self.cached)}
 
     def _build(self, stage: Stage) -> None:
@@ -148,6 +148,7 @@ class StageRunner:
         write_json(marker, record)
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss, for progress lines."""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

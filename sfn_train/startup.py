@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import SfnError
+from .errors import SfnError, first_line
 
 logger = logging.getLogger("sfn_train")
 
@@ -30,7 +30,7 @@ MIN_CAPABILITY = {2: (8, 0), 3: (8, 0), 4: (9, 0)}
 # gives the same loss and gradients as the same rows padded. FlashAttention: its varlen kernel, by construction.
 # sdpa and eager: transformers (>= 5) builds a block-diagonal causal mask from the restarting position_ids
 # (`masking_utils.find_packed_sequence_indices`); measured equal to the padded batch in fp32 per row and for the
-# whole batch, loss and every gradient, by tests/test_padding_free.py. Not verified, so not allowed: flex_attention
+# whole batch, loss and every gradient, by tests/test_attention.py. Not verified, so not allowed: flex_attention
 # (no backward on CPU; the GPU check measures it) and any other kernel.
 PADDING_FREE_VERIFIED = ("sdpa", "eager")
 
@@ -70,7 +70,7 @@ def flash_unusable_reason(name: str) -> str | None:
         _load_flash_kernel(name)
     except Exception as exc:  # noqa: BLE001 - any import/load failure means the same thing: this kernel is unusable
         hint = "pip install 'sfn-train[flash]'" if version else "pip install kernels, and reach the hub or its cache"
-        return f"{name} cannot be loaded ({type(exc).__name__}: {_first_line(exc)}; {hint})"
+        return f"{name} cannot be loaded ({type(exc).__name__}: {first_line(exc)}; {hint})"
     return None
 
 
@@ -207,11 +207,6 @@ def resolve_batching(kernel: str, training_args) -> dict:
                 bool(training_args.padding_free), training_args.packing_strategy if training_args.packing else "off",
                 training_args.train_sampling_strategy, "; ".join(reasons) or "as the recipe sets")
     return decided
-
-
-def _first_line(exc) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else repr(exc))[:200]
 
 
 def deepspeed_stage(training_args) -> int | None:

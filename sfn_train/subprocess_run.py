@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .manifest import MANIFEST_FILE
+
 QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 GRACE_S = 30.0
 
@@ -100,7 +102,7 @@ def complete_manifest(folder: Path) -> dict | None:
     """The run's manifest when it says the run completed, else None."""
     import json
 
-    path = Path(folder) / "sfn_manifest.json"
+    path = Path(folder) / MANIFEST_FILE
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):

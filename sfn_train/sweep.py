@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import math
 import os
 import shlex
@@ -47,7 +46,8 @@ from pathlib import Path
 
 from .arguments import ArgumentParser
 from .errors import SfnError
-from .manifest import MANIFEST_FILE
+from .manifest import MANIFEST_FILE, read_json, write_json
+from .stages import clock
 from .subprocess_run import run_command
 
 SWEEP_FILE = "sweep.json"
@@ -218,19 +218,6 @@ def _sha(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def plan_record(config: str, extra: list[str], grid: dict, points: list[Point], out: Path, metric: str,
                 launcher: list[str]) -> dict:
     return {
@@ -252,7 +239,7 @@ def _start(config: str, extra: list[str], grid: dict, points: list[Point], out: 
     """Write DIR/sweep.json, refusing a folder that holds a sweep of another recipe or other flags."""
     out.mkdir(parents=True, exist_ok=True)
     record = plan_record(config, extra, grid, points, out, metric, launcher)
-    old = _read_json(out / SWEEP_FILE)
+    old = read_json(out / SWEEP_FILE)
     if old is not None:
         if old.get("format") != FORMAT:
             raise SfnError(f"{out / SWEEP_FILE} was not written by `sfn sweep`; choose another --out.")
@@ -261,13 +248,13 @@ def _start(config: str, extra: list[str], grid: dict, points: list[Point], out: 
         if changed:
             raise SfnError(f"{out} holds a sweep made with other {' and '.join(changed)}: use another --out, or "
                            "delete that folder to start over.")
-    _write_json(out / SWEEP_FILE, record)
+    write_json(out / SWEEP_FILE, record)
     return record
 
 
 def finished_manifest(out: Path, entry: dict) -> dict | None:
     """The point's manifest if its run completed with exactly the arguments this sweep gives it, else None."""
-    manifest = _read_json(out / "points" / entry["name"] / MANIFEST_FILE)
+    manifest = read_json(out / "points" / entry["name"] / MANIFEST_FILE)
     if not manifest or manifest.get("status") != "complete":
         return None
     expected = shlex.split(entry["command"])
@@ -278,11 +265,6 @@ def finished_manifest(out: Path, entry: dict) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Run
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _prepare(config: str, grid_specs: list[str], out: Path, extra: list[str], metric: str,
@@ -317,12 +299,12 @@ def run_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra:
             log(f"[sweep] {i}/{len(points)} {label}: finished before, skipped")
             continue
         left = len(todo) - len(durations) - 1
-        eta = f", about {_clock(left * sum(durations) / len(durations))} after this" if durations and left else ""
+        eta = f", about {clock(left * sum(durations) / len(durations))} after this" if durations and left else ""
         log(f"[sweep] {i}/{len(points)} {label}: training ({left} left after this, elapsed "
-            f"{_clock(time.monotonic() - started)}{eta}); log {logs / (entry['name'] + '.log')}")
+            f"{clock(time.monotonic() - started)}{eta}); log {logs / (entry['name'] + '.log')}")
         run = run_command(shlex.split(entry["command"]), env=env, log_file=logs / f"{entry['name']}.log")
         code = run.exit_code  # the point's own peak memory and time, next to its log
-        _write_json(logs / f"{entry['name']}.json", run.stats())
+        write_json(logs / f"{entry['name']}.json", run.stats())
         if code != 0:
             raise SfnError(f"sweep point {label} failed (exit {code}); see {logs / (entry['name'] + '.log')}. "
                            "Rerunning the same command keeps the finished points.")
@@ -331,7 +313,7 @@ def run_sweep(config: str, grid_specs: list[str], out: str | os.PathLike, extra:
         value = (manifest or {}).get("metrics", {}).get(metric)
         log(f"[sweep] {i}/{len(points)} {label}: {metric} {_fmt(value)} in {durations[-1]:.0f} s")
     result = collect(out, metric)
-    log(f"[sweep] done in {_clock(time.monotonic() - started)}: {result['markdown']}")
+    log(f"[sweep] done in {clock(time.monotonic() - started)}: {result['markdown']}")
     return result
 
 
@@ -418,7 +400,7 @@ def collect(out: str | os.PathLike, metric: str | None = None) -> dict:
     finished point's `sfn_sweep.json`. Points without a result are listed as missing. In a seeded sweep a point's
     metric is the mean over its seeds (`seed_points`), and the choice is made on those means."""
     out = Path(out)
-    record = _read_json(out / SWEEP_FILE)
+    record = read_json(out / SWEEP_FILE)
     if record is None or record.get("format") != FORMAT:
         raise SfnError(f"{out} holds no sweep ({SWEEP_FILE} missing or not written by `sfn sweep`): pass the --out "
                        "folder of `sfn sweep` or `sfn sweep --plan`.")
@@ -447,7 +429,7 @@ def collect(out: str | os.PathLike, metric: str | None = None) -> dict:
         summary["seed_points"] = ranked
     plot = _plot(ranked, metric, out / "sweep.png")
     summary["plot"] = plot.name if plot else None
-    _write_json(out / SWEEP_FILE, summary)
+    write_json(out / SWEEP_FILE, summary)
     markdown = out / "sweep.md"
     markdown.write_text(sweep_markdown(summary), encoding="utf-8")
     _write_point_records(out, done, ranked, best, metric)
@@ -511,7 +493,7 @@ def _write_point_records(out: Path, done: list[dict], ranked: list[dict], best: 
         point = by_point[row.get("point", row["name"])]
         tried = [r for r in ranked if r["variant"] == row["variant"] and r["status"] == "done"]
         winner = best.get(row["variant"])
-        _write_json(Path(row["folder"]) / POINT_RECORD, {
+        write_json(Path(row["folder"]) / POINT_RECORD, {
             "format": FORMAT, "sweep": str(out.resolve()), "point": point["name"], "seed": row.get("seed"),
             "settings": row["settings"], "variant": row["variant"], "metric": metric,
             "greater_is_better": greater_is_better(metric), "run_value": row[metric], "n_seeds": point.get("n_seeds"),

@@ -8,18 +8,11 @@ Only JSON files are read: evaluation does not depend on the trainer or the sweep
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..manifest import MANIFEST_FILE, read_json
+
 SWEEP_RECORD = "sfn_sweep.json"
-MANIFEST = "sfn_manifest.json"
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def training_provenance(model_path: str | None) -> dict | None:
@@ -29,7 +22,7 @@ def training_provenance(model_path: str | None) -> dict | None:
     folder = Path(model_path)
     if not folder.is_dir():
         return None
-    sweep = _json(folder / SWEEP_RECORD)
+    sweep = read_json(folder / SWEEP_RECORD)
     if sweep:
         tried = sorted(t["learning_rate"] for t in sweep.get("tried", []) if t.get("learning_rate") is not None)
         rates = ", ".join(f"{r:g}" for r in tried)
@@ -43,7 +36,7 @@ def training_provenance(model_path: str | None) -> dict | None:
             how = (f"sweep point that did NOT win its sweep (validation {sweep['metric']} {sweep['value']:.4g}; the "
                    f"sweep chose {sweep.get('chosen_learning_rate')}) in {sweep['sweep']}")
         return {"learning_rate": sweep.get("learning_rate"), "how": how, "sweep": sweep}
-    manifest = _json(folder / MANIFEST)
+    manifest = read_json(folder / MANIFEST_FILE)
     if manifest:
         lr = manifest.get("recipe", {}).get("training", {}).get("learning_rate")
         val = manifest.get("metrics", {}).get("eval_loss")

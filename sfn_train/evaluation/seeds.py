@@ -35,6 +35,7 @@ import math
 
 import numpy as np
 
+from ..manifest import MANIFEST_FILE, read_json
 from .stats import bootstrap_ci, paired_bootstrap
 
 METHOD = "seed-level Welch t with a problem term (seeds + problems)"
@@ -245,14 +246,10 @@ RUN_KEYS = ("seed", "data_seed", "output_dir", "logging_dir", "run_name", "resum
 
 def training_manifest(result: dict) -> dict | None:
     """The `sfn train` manifest of the model an eval result names (its folder's sfn_manifest.json), else None."""
-    import json
     from pathlib import Path
 
     path = result.get("model", {}).get("path")
-    try:
-        manifest = json.loads((Path(path) / "sfn_manifest.json").read_text(encoding="utf-8")) if path else None
-    except (OSError, ValueError):
-        return None
+    manifest = read_json(Path(path) / MANIFEST_FILE) if path else None
     return manifest if isinstance(manifest, dict) and manifest.get("kind") == "train" else None
 
 

@@ -27,6 +27,7 @@ from ..arguments import ArgumentParser
 from ..subprocess_run import run_command
 from ..errors import SfnError
 from ..evaluation.tasks import packaged_task_file
+from ..manifest import MANIFEST_FILE
 from .problems import REASON_STEPS, all_single_steps, fact_rows, generate, sft_rows, shipped_tasks, write_jsonl
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "lab"
@@ -205,7 +206,7 @@ class Lab:
                                     lambda out, v=variant: self.train(v, self.root / "base",
                                                                       self.root / "data" / "sft_reasoning.jsonl", out,
                                                                       num_train_epochs=self.size.finetune_epochs))
-                metrics = json.loads((folder / "sfn_manifest.json").read_text())["metrics"]
+                metrics = json.loads((folder / MANIFEST_FILE).read_text())["metrics"]
                 self.trained[variant] = {
                     "folder": str(folder), "learning_rate": shipped, "chosen_by": "recipe", "sweep": None,
                     "recipe_rate": shipped, "recipe_note": note,

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SfnError
+from ..manifest import MANIFEST_FILE
 from ..stages import Stage, StageRunner, file_digest
 from .schema import BASE, REASONING, Finetune, Merge, Study, seeded
 
@@ -442,7 +443,7 @@ def adopt_multinode_run(folder: Path, finetune, base: str, base_fingerprint: str
 
     how = (f"fine-tune {finetune.name} trains on {finetune.nnodes} nodes, which one `sfn study` process cannot start: "
            f"run `{shell_join(launch)}` on each node, then this stage again to record the run")
-    manifest_file = folder / "sfn_manifest.json"
+    manifest_file = folder / MANIFEST_FILE
     if not manifest_file.is_file():
         raise SfnError(f"{how} ({folder} holds no run yet).")
     manifest = json.loads(manifest_file.read_text())
