@@ -47,6 +47,9 @@ def version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .quiet import silence_known_noise
+
+    silence_known_noise()  # DeepSpeed's and bitsandbytes' import-time lines where they say nothing
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if argv[:1] in (["-h"], ["--help"]):

@@ -67,6 +67,9 @@ def check_quantize_setup(training_args, mode: str) -> None:
     if training_args.deepspeed:
         raise SfnError(f"quantize_frozen: {mode} runs single-process or with DDP (torchrun), not under DeepSpeed: "
                        "remove `deepspeed` from the recipe or set quantize_frozen: none.")
+    from .quiet import keep_bitsandbytes_warnings
+
+    keep_bitsandbytes_warnings()
     try:
         import bitsandbytes as bnb
     except Exception as exc:  # noqa: BLE001 - a broken install fails here in many ways; all mean the same to the user

@@ -203,9 +203,11 @@ def resolve_batching(kernel: str, training_args) -> dict:
                        "padded batches of rows of similar length, in random order, by default (less padding, "
                        "measured faster; unlike group_by_length no length-sorted runs of steps)")
     decided = {"train_sampling_strategy": training_args.train_sampling_strategy, "batching_reasons": reasons}
-    logger.info("batching with attention %s: padding_free %s, packing %s, sampling %s (%s)", kernel,
+    logger.info("batching (attention %s): padding_free %s, packing %s, sampling %s%s", kernel,
                 bool(training_args.padding_free), training_args.packing_strategy if training_args.packing else "off",
-                training_args.train_sampling_strategy, "; ".join(reasons) or "as the recipe sets")
+                training_args.train_sampling_strategy, "" if reasons else ", as the recipe sets")
+    for reason in reasons:  # one line per decision the run made for the recipe
+        logger.info("batching: %s.", reason)
     return decided
 
 

@@ -360,6 +360,9 @@ def train_run(run: Run, callbacks=None):
         metrics["memory"] = run_memory_record(run.memory_plan)
     if run.eval_dataset is not None:  # the validation split is always scored on the final weights (sweeps rank on it)
         metrics.update(trainer.evaluate())
+        logger.info("validation (%s rows, final weights): eval_loss %.4f%s", metrics.get("validation_rows", "?"),
+                    metrics["eval_loss"], f", mean token accuracy {metrics['eval_mean_token_accuracy']:.4f}"
+                    if "eval_mean_token_accuracy" in metrics else "")
     if getattr(trainer, "aux_loss_enabled", False):
         metrics["router_aux_loss_coef"] = trainer.router_aux_loss_coef
         # TRL turned the config's output_router_logits on for training; saved on, every forward of the fine-tune

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from helpers import one_line_error, train_recipe
@@ -76,3 +78,26 @@ def test_a_missing_model_fails_at_once(tmp_path, capsys, monkeypatch, qwen2_base
     line = one_line_error(capsys)
     assert "neither a local folder nor in the hub cache, and HF_HUB_OFFLINE=1" in line and "local checkpoint folder" \
         in line
+
+
+def test_a_training_run_prints_decisions_and_its_validation_loss_without_library_noise(tmp_path, qwen2_base,
+                                                                                        sum_data):
+    """The console of `sfn train` (a real process: the libraries' import-time lines are printed once per process):
+    no DeepSpeed "Setting accelerator to CPU" nor bitsandbytes "Failed to load CPU gemm_4bit_forward" on a CPU run
+    that uses neither, the batching decisions one short line each, and the validation eval_loss at the end."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    recipe = train_recipe(tmp_path, qwen2_base, sum_data, max_steps=1, validation_fraction=0.25, disable_tqdm=True)
+    proc = subprocess.run([sys.executable, "-m", "sfn_train.cli", "train", "--config", str(recipe)], text=True,
+                          capture_output=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "Setting accelerator to CPU" not in output and "gemm_4bit_forward" not in output
+    batching = [line for line in output.splitlines() if "sfn_train: batching" in line]
+    assert len(batching) >= 2 and all(len(line) < 250 for line in batching), batching
+    assert re.search(r"sfn_train: validation \(\d+ rows, final weights\): eval_loss \d", output)
