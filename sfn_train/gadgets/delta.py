@@ -226,90 +226,16 @@ def delta(
     `workers` tensors are compared at once (threads); results are gathered in a fixed order, so the output does not
     depend on it.
     """
-    from tqdm.auto import tqdm
-
     ck_a, ck_b = Checkpoint(a), Checkpoint(b)
     check_output_dir(out, overwrite)
     if sample < 1:
         raise SfnError(f"--sample {sample} must be at least 1 (elements per tensor for the histograms).")
-    common = [n for n in ck_a.names if n in ck_b.tensors]
-    mismatched = [n for n in common if ck_a.tensors[n].shape != ck_b.tensors[n].shape]
-    skipped_dtype = [n for n in common if {ck_a.tensors[n].dtype, ck_b.tensors[n].dtype} - FLOAT_DTYPES]
-    pairs = [n for n in common if n not in set(mismatched) | set(skipped_dtype)]
-    if not pairs:
-        raise SfnError(
-            f"{ck_a.path} and {ck_b.path} share no tensor of the same shape: compare two checkpoints of one model."
-        )
-    # Read in A's file order: each shard of A is then read front to back.
-    pairs.sort(key=lambda n: (str(ck_a.tensors[n].file), ck_a.tensors[n].start))
-
-    # Roles are read from the in-memory names (the trainer's), so a per-expert tensor on disk counts as `experts`.
-    names = NameMap.for_checkpoint(ck_a)
-    role = {n: role_of(names.memory_name(n)) for n in pairs}
-    slices = {n: _fused_experts(n, ck_a.tensors[n].shape) if role[n] == "experts" else 1 for n in pairs}
-
-    rows, roles = [], {}
-    experts: dict[tuple, list[float]] = {}  # (layer, expert) -> [sum dd, sum aa, numel]
-    total = sum(ck_a.tensors[n].nbytes + ck_b.tensors[n].nbytes for n in pairs)
-    def one(name):
-        with torch_threads(1):
-            return tensor_delta(ck_a.tensors[name], ck_b.tensors[name], sample, seed, role[name], slices[name])
-
-    with tqdm(total=total, unit="B", unit_scale=True, desc="delta", disable=None) as bar, \
-            ThreadPoolExecutor(workers) as pool:
-        for name, (row, hist, moments) in zip(pairs, pool.map(one, pairs)):
-            _add_experts(experts, name, row)
-            rows.append(row)
-            stats = roles.setdefault(row["role"], RoleStats())
-            stats.hist += hist
-            stats.moments.merge(moments)
-            sums = stats.layers.setdefault(row["layer"], [0.0, 0.0])
-            sums[0] += row["l2_diff"] ** 2
-            sums[1] += row["l2_base"] ** 2
-            bar.update(ck_a.tensors[name].nbytes + ck_b.tensors[name].nbytes)
-
-    summary = {}
-    for role, stats in roles.items():
-        per_layer = {
-            layer: {"l2_diff": math.sqrt(dd), "rel_change": math.sqrt(dd / aa) if aa > 0 else None}
-            for layer, (dd, aa) in sorted(stats.layers.items(), key=lambda kv: -1 if kv[0] is None else kv[0])
-        }
-        rels = [v["rel_change"] for v in per_layer.values() if v["rel_change"] is not None]
-        dd_all = sum(s[0] for s in stats.layers.values())
-        aa_all = sum(s[1] for s in stats.layers.values())
-        role_rows = [r for r in rows if r["role"] == role]
-        summary[role] = {
-            "n_tensors": len(role_rows),
-            "numel": sum(r["numel"] for r in role_rows),
-            "mean_l2_diff": sum(v["l2_diff"] for v in per_layer.values()) / len(per_layer),
-            "mean_rel_change": sum(rels) / len(rels) if rels else None,
-            "pooled_rel_change": math.sqrt(dd_all / aa_all) if aa_all > 0 else None,
-            "per_layer": {("none" if k is None else str(k)): v for k, v in per_layer.items()},
-            "moments_of_log10_abs_r": stats.moments.summary(),
-            "histogram_counts": stats.hist.tolist(),
-        }
+    pairs, mismatched, skipped_dtype = _comparable(ck_a, ck_b)
+    rows, roles, experts = _compare(ck_a, ck_b, pairs, sample, seed, workers)
+    summary = _role_summary(rows, roles)
     ranking = sorted(summary, key=lambda r: -(summary[r]["mean_rel_change"] or 0.0))
-
     result = {
-        "settings": {
-            "a": str(ck_a.path),
-            "b": str(ck_b.path),
-            "relative_change_elementwise": "r = (B - A) / max(|A|, eps), eps = EPS_REL * mean|A| of the tensor "
-            "(over its sampled elements), at least EPS_FLOOR",
-            "EPS_REL": EPS_REL,
-            "EPS_FLOOR": EPS_FLOOR,
-            "histogram_variable": "t = sign(r) * log10(1 + |r| / LINTHRESH), clipped to the outer bin edges",
-            "LINTHRESH": LINTHRESH,
-            "bin_edges_t": EDGES,
-            "sample_per_tensor": sample,
-            "sampling": "uniform with replacement, seeded by (seed, name); weight numel/sample; all elements when "
-            "numel <= sample; norms always use every element",
-            "seed": seed,
-            "bimodality": "Sarle's BC = (g1^2 + 1) / (g2 + 3(n-1)^2/((n-2)(n-3))) of q = log10(max(|r|, u)), u = unit "
-            "roundoff of the coarser dtype of A and B (an unchanged element sits at u); > 5/9 suggests two groups of "
-            "elements, e.g. untouched and moved",
-            "UNIT_ROUNDOFF": UNIT_ROUNDOFF,
-        },
+        "settings": _settings(ck_a, ck_b, sample, seed),
         "ranking": ranking,
         "roles": summary,
         # Each routed expert on its own, pooled over its tensors (gate, up, down, biases): sqrt(sum ||B-A||^2 /
@@ -334,6 +260,103 @@ def delta(
     if not quiet:
         print(format_table(summary, ranking))
     return result
+
+
+def _comparable(ck_a: Checkpoint, ck_b: Checkpoint) -> tuple[list[str], list[str], list[str]]:
+    """(the tensors both hold with one shape and float dtypes, in A's file order; those whose shapes differ; those
+    not float)."""
+    common = [n for n in ck_a.names if n in ck_b.tensors]
+    mismatched = [n for n in common if ck_a.tensors[n].shape != ck_b.tensors[n].shape]
+    skipped_dtype = [n for n in common if {ck_a.tensors[n].dtype, ck_b.tensors[n].dtype} - FLOAT_DTYPES]
+    pairs = [n for n in common if n not in set(mismatched) | set(skipped_dtype)]
+    if not pairs:
+        raise SfnError(
+            f"{ck_a.path} and {ck_b.path} share no tensor of the same shape: compare two checkpoints of one model."
+        )
+    # Read in A's file order: each shard of A is then read front to back.
+    pairs.sort(key=lambda n: (str(ck_a.tensors[n].file), ck_a.tensors[n].start))
+    return pairs, mismatched, skipped_dtype
+
+
+def _compare(ck_a: Checkpoint, ck_b: Checkpoint, pairs: list[str], sample: int, seed: int, workers: int):
+    """(a row per tensor, RoleStats per role, {(layer, expert): [sum dd, sum aa, numel]}), `workers` at a time."""
+    from tqdm.auto import tqdm
+
+    # Roles are read from the in-memory names (the trainer's), so a per-expert tensor on disk counts as `experts`.
+    names = NameMap.for_checkpoint(ck_a)
+    role = {n: role_of(names.memory_name(n)) for n in pairs}
+    slices = {n: _fused_experts(n, ck_a.tensors[n].shape) if role[n] == "experts" else 1 for n in pairs}
+
+    rows, roles = [], {}
+    experts: dict[tuple, list[float]] = {}  # (layer, expert) -> [sum dd, sum aa, numel]
+    total = sum(ck_a.tensors[n].nbytes + ck_b.tensors[n].nbytes for n in pairs)
+
+    def one(name):
+        with torch_threads(1):
+            return tensor_delta(ck_a.tensors[name], ck_b.tensors[name], sample, seed, role[name], slices[name])
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc="delta", disable=None) as bar, \
+            ThreadPoolExecutor(workers) as pool:
+        for name, (row, hist, moments) in zip(pairs, pool.map(one, pairs)):
+            _add_experts(experts, name, row)
+            rows.append(row)
+            stats = roles.setdefault(row["role"], RoleStats())
+            stats.hist += hist
+            stats.moments.merge(moments)
+            sums = stats.layers.setdefault(row["layer"], [0.0, 0.0])
+            sums[0] += row["l2_diff"] ** 2
+            sums[1] += row["l2_base"] ** 2
+            bar.update(ck_a.tensors[name].nbytes + ck_b.tensors[name].nbytes)
+    return rows, roles, experts
+
+
+def _role_summary(rows: list[dict], roles: dict) -> dict:
+    """Per role: tensor and element counts, mean and pooled changes, the change per layer, the moments and histogram
+    of log10|r|."""
+    summary = {}
+    for role, stats in roles.items():
+        per_layer = {
+            layer: {"l2_diff": math.sqrt(dd), "rel_change": math.sqrt(dd / aa) if aa > 0 else None}
+            for layer, (dd, aa) in sorted(stats.layers.items(), key=lambda kv: -1 if kv[0] is None else kv[0])
+        }
+        rels = [v["rel_change"] for v in per_layer.values() if v["rel_change"] is not None]
+        dd_all = sum(s[0] for s in stats.layers.values())
+        aa_all = sum(s[1] for s in stats.layers.values())
+        role_rows = [r for r in rows if r["role"] == role]
+        summary[role] = {
+            "n_tensors": len(role_rows),
+            "numel": sum(r["numel"] for r in role_rows),
+            "mean_l2_diff": sum(v["l2_diff"] for v in per_layer.values()) / len(per_layer),
+            "mean_rel_change": sum(rels) / len(rels) if rels else None,
+            "pooled_rel_change": math.sqrt(dd_all / aa_all) if aa_all > 0 else None,
+            "per_layer": {("none" if k is None else str(k)): v for k, v in per_layer.items()},
+            "moments_of_log10_abs_r": stats.moments.summary(),
+            "histogram_counts": stats.hist.tolist(),
+        }
+    return summary
+
+
+def _settings(ck_a: Checkpoint, ck_b: Checkpoint, sample: int, seed: int) -> dict:
+    """What delta.json's numbers mean, with the constants and settings that made them."""
+    return {
+        "a": str(ck_a.path),
+        "b": str(ck_b.path),
+        "relative_change_elementwise": "r = (B - A) / max(|A|, eps), eps = EPS_REL * mean|A| of the tensor "
+        "(over its sampled elements), at least EPS_FLOOR",
+        "EPS_REL": EPS_REL,
+        "EPS_FLOOR": EPS_FLOOR,
+        "histogram_variable": "t = sign(r) * log10(1 + |r| / LINTHRESH), clipped to the outer bin edges",
+        "LINTHRESH": LINTHRESH,
+        "bin_edges_t": EDGES,
+        "sample_per_tensor": sample,
+        "sampling": "uniform with replacement, seeded by (seed, name); weight numel/sample; all elements when "
+        "numel <= sample; norms always use every element",
+        "seed": seed,
+        "bimodality": "Sarle's BC = (g1^2 + 1) / (g2 + 3(n-1)^2/((n-2)(n-3))) of q = log10(max(|r|, u)), u = unit "
+        "roundoff of the coarser dtype of A and B (an unchanged element sits at u); > 5/9 suggests two groups of "
+        "elements, e.g. untouched and moved",
+        "UNIT_ROUNDOFF": UNIT_ROUNDOFF,
+    }
 
 
 _EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")

@@ -206,50 +206,13 @@ def destroy(
     ckpt = Checkpoint(model)
     check_output_dir(out, overwrite)
     entries: dict[str, Entry | None] = {n: Entry(n, i.dtype, i.shape, i) for n, i in ckpt.tensors.items()}
-    config = None
     settings: dict = {"mode": mode, "seed": seed}
-
+    config, in_stack = None, None
     if mode == "remove":
-        # Layers are those of the language model's stack, found on in-memory names (`sfn_train.names`).
-        names = NameMap.for_checkpoint(ckpt)
-        stack = decoder_stack(names.memory_names, names.decoder, ckpt.arch())
-        n_layers = num_layers(names.memory_names, stack)
-
-        def in_stack(memory_name: str) -> bool:
-            return layer_stack(memory_name) == stack
-
-        drop, kept = _removal_plan(ckpt, layers, n_layers)
-        renumber = {old: new for new, old in enumerate(kept)}
-        changed = []
-        for name, info in ckpt.tensors.items():
-            if not in_stack(names.memory_name(name)):
-                continue
-            index = layer_index(name)
-            if index in drop:
-                entries[name] = None
-                changed.append(name)
-            elif renumber[index] != index:
-                entries[name] = Entry(with_layer_index(name, renumber[index]), info.dtype, info.shape, info)
-        config = shortened_config(ckpt.config(), n_layers, kept)
-        settings.update(layers_removed=drop, layers_kept=kept)
+        changed, config, in_stack = _plan_removal(ckpt, layers, entries, settings)
     else:
-        changed = select(ckpt, modules, layers)
-        settings.update(modules=normalize_modules(modules), layers=layers)
-        if mode == "reinit":
-            settings["std"] = std_value = _resolve_std(std, ckpt)
-            make = partial(_reinit, std=std_value, seed=seed)
-        elif mode == "noise":
-            settings["scale"] = float(scale)
-            make = partial(_noise, scale=float(scale), seed=seed)
-        elif mode == "scale":
-            settings["factor"] = float(factor)
-            make = partial(_scale, factor=float(factor))
-        else:
-            make = _zero
-        for name in changed:
-            info = ckpt.tensors[name]
-            require_float(info, f"--mode {mode}")
-            entries[name] = Entry(name, info.dtype, info.shape, info, partial(make, info))
+        changed = _plan_damage(ckpt, modules, layers, mode, entries, settings, std=std, scale=scale, factor=factor,
+                               seed=seed)
 
     with ThreadPoolExecutor(1) as pool, atomic_output_dir(out, overwrite) as tmp:
         model_fp = pool.submit(cached_fingerprint, ckpt.path)  # hashed while the output is written
@@ -268,3 +231,54 @@ def destroy(
             changed_tensors=changed,
         )
     return manifest
+
+
+def _plan_removal(ckpt: Checkpoint, layers, entries: dict, settings: dict):
+    """Drop the decoder layers `layers` names and renumber the rest, in `entries`; returns (the tensors dropped,
+    the shortened config, whether an in-memory name is in the decoder stack)."""
+    # Layers are those of the language model's stack, found on in-memory names (`sfn_train.names`).
+    names = NameMap.for_checkpoint(ckpt)
+    stack = decoder_stack(names.memory_names, names.decoder, ckpt.arch())
+    n_layers = num_layers(names.memory_names, stack)
+
+    def in_stack(memory_name: str) -> bool:
+        return layer_stack(memory_name) == stack
+
+    drop, kept = _removal_plan(ckpt, layers, n_layers)
+    renumber = {old: new for new, old in enumerate(kept)}
+    changed = []
+    for name, info in ckpt.tensors.items():
+        if not in_stack(names.memory_name(name)):
+            continue
+        index = layer_index(name)
+        if index in drop:
+            entries[name] = None
+            changed.append(name)
+        elif renumber[index] != index:
+            entries[name] = Entry(with_layer_index(name, renumber[index]), info.dtype, info.shape, info)
+    settings.update(layers_removed=drop, layers_kept=kept)
+    return changed, shortened_config(ckpt.config(), n_layers, kept), in_stack
+
+
+def _plan_damage(ckpt: Checkpoint, modules, layers, mode: str, entries: dict, settings: dict, *, std, scale, factor,
+                 seed) -> list[str]:
+    """Replace the selected tensors' entries by their zeroed, re-initialised, noised or scaled values (made while
+    the output is written); returns the names selected."""
+    changed = select(ckpt, modules, layers)
+    settings.update(modules=normalize_modules(modules), layers=layers)
+    if mode == "reinit":
+        settings["std"] = std_value = _resolve_std(std, ckpt)
+        make = partial(_reinit, std=std_value, seed=seed)
+    elif mode == "noise":
+        settings["scale"] = float(scale)
+        make = partial(_noise, scale=float(scale), seed=seed)
+    elif mode == "scale":
+        settings["factor"] = float(factor)
+        make = partial(_scale, factor=float(factor))
+    else:
+        make = _zero
+    for name in changed:
+        info = ckpt.tensors[name]
+        require_float(info, f"--mode {mode}")
+        entries[name] = Entry(name, info.dtype, info.shape, info, partial(make, info))
+    return changed
