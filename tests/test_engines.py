@@ -470,7 +470,7 @@ exit $rc
 
 @pytest.mark.slow
 def test_zero3_on_two_nodes_through_the_slurm_example(tmp_path, qwen2_base, sum_data):
-    """ZeRO-3 on two one-process nodes, launched by recipes/slurm/multinode.sbatch itself (srun and scontrol
+    """ZeRO-3 on two one-process nodes, launched by ds_configs/slurm/multinode.sbatch itself (srun and scontrol
     replaced by stand-ins that start both "nodes" on this machine): every parameter partitioned across the two
     ranks, only o_proj changed, every other tensor bitwise the base, the output written once."""
     bin_dir, logs = tmp_path / "bin", tmp_path / "logs"
@@ -485,7 +485,7 @@ def test_zero3_on_two_nodes_through_the_slurm_example(tmp_path, qwen2_base, sum_
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]",
                     SLURM_JOB_ID="4242", GPUS_PER_NODE="1", RDZV_PORT=str(free_port()), PYTHON=sys.executable,
                     TRAIN_SCRIPT=str(OBSERVED), SRUN_LOGS=str(logs), SFN_OBSERVE_DIR=str(tmp_path / "observed"))
-    run(["bash", str(REPO / "recipes" / "slurm" / "multinode.sbatch"), str(recipe)], env)
+    run(["bash", str(REPO / "ds_configs" / "slurm" / "multinode.sbatch"), str(recipe)], env)
     node_logs = [(logs / f"node{n}.log").read_text() for n in (0, 1)]
     assert sum(log.count("saved checkpoint, plugin and manifest") for log in node_logs) == 1  # written once
     records = observed(tmp_path / "observed")
