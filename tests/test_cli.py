@@ -101,3 +101,10 @@ def test_a_training_run_prints_decisions_and_its_validation_loss_without_library
     batching = [line for line in output.splitlines() if "sfn_train: batching" in line]
     assert len(batching) >= 2 and all(len(line) < 250 for line in batching), batching
     assert re.search(r"sfn_train: validation \(\d+ rows, final weights\): eval_loss \d", output)
+
+
+def test_lab_stopped_before_its_report_names_no_report(tmp_path, capsys):
+    assert main(["lab", "--size", "tiny", "--root", str(tmp_path / "lab"), "--stage", "data"]) == 0
+    out = capsys.readouterr().out
+    assert "report:" not in out and not (tmp_path / "lab" / "report.md").exists()
+    assert f"done: stages data in {tmp_path / 'lab'}" in out

@@ -406,5 +406,8 @@ def cli_main(argv: list[str]) -> int:
     if scale is not None and len(scale) < 2:
         raise SfnError("--scale needs at least two sizes to compare, e.g. --scale small,medium.")
     report = run_lab(ns.root, ns.size, ns.seed, ns.stage, ns.sweep, scale)
-    print(f"report: {report}")
+    if Path(report).is_file():
+        print(f"report: {report}")
+    else:  # --stage stopped before the report stage: name what was run, not a file that is not there
+        print(f"done: stages {', '.join(ns.stage)} in {ns.root}; `sfn lab` (or --stage report) writes the report.")
     return 0
