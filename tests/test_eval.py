@@ -675,3 +675,13 @@ def test_gated_gpqa_says_how_to_get_access(tmp_path, monkeypatch, capsys):
         "sfn eval: error: task 'gpqa_diamond': Idavidrein/gpqa is gated: accept its terms at https://huggingface.co/datasets/"
         "Idavidrein/gpqa, then log in (huggingface-cli login, or set HF_TOKEN); or pass --task-file "
         "gpqa_diamond=PATH.jsonl.")
+
+
+def test_progress_bars_name_the_model_and_task(qwen2_base, task_file, tmp_path, capsys):
+    from sfn_train.cli import main
+
+    assert main(["eval", str(qwen2_base), "--task", str(task_file), "--out", str(tmp_path / "r.json"), "--limit", "2",
+                 "--max_new_tokens", "2", "--temperature", "0", "--grading-workers", "1"]) == 0
+    err = capsys.readouterr().err
+    name = json.loads((tmp_path / "r.json").read_text())["task"]["name"]
+    assert f"generating qwen2 on {name}" in err and f"grading qwen2 on {name}" in err

@@ -202,12 +202,14 @@ def _rounds(rows: list[Row], forcing: Forcing, submit, bar=None) -> None:
 
 
 def timed_rounds(rows: list[Row], forcing: Forcing, submit, progress: bool) -> float:
-    """`_rounds` with a progress bar when asked; the generation time in seconds."""
+    """`_rounds` with a progress bar when asked (`progress`: True, or the text that names what is generated, e.g.
+    "base on math500"); the generation time in seconds."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rows), desc="generating", unit="response")
+        bar = tqdm(total=len(rows), desc=f"generating {progress}" if isinstance(progress, str) else "generating",
+                   unit="response")
     start = time.perf_counter()
     _rounds(rows, forcing, submit, bar)
     if bar:

@@ -345,7 +345,8 @@ def grade_many(items: list[dict], *, timeout_s: float = DEFAULT_TIMEOUT_S, worke
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(items), desc="grading", unit="answer")
+        bar = tqdm(total=len(items), desc=f"grading {progress}" if isinstance(progress, str) else "grading",
+                   unit="answer")  # `progress`: True, or the text that names what is graded
 
     def finish(worker: _Worker, result: dict) -> None:
         results[worker.index] = result

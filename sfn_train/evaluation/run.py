@@ -134,13 +134,14 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
             for task in loaded:
                 prompts = [_prompt(tokenizer, task.prompt(p), use_chat, gen) for p in task.problems]
                 rows = make_rows([ids for _, ids in prompts], gen.samples)
+                shown = progress and f"{spec.label} on {task.name}"  # each progress bar names its model and task
                 if engine is None:
-                    seconds = generate_hf(model, tokenizer, rows, gen, eos, progress, context_len)
+                    seconds = generate_hf(model, tokenizer, rows, gen, eos, shown, context_len)
                 else:
-                    seconds = engine.generate(tokenizer, rows, eos, progress)
+                    seconds = engine.generate(tokenizer, rows, eos, shown)
                 _note_context_stops(spec, task, rows, engine_info)
                 result = _assemble(spec, task, gen, use_chat, prompts, rows, tokenizer, seconds, signature,
-                                   grading_timeout, grading_workers, progress, plugin_checks.get(spec.label), command)
+                                   grading_timeout, grading_workers, shown, plugin_checks.get(spec.label), command)
                 result["settings"].update(engine=engine_info, protocol_changes=changed)
                 path = paths[(spec.label, task.name)]
                 path.parent.mkdir(parents=True, exist_ok=True)
