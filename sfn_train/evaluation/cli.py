@@ -136,10 +136,6 @@ def eval_main(argv: list[str]) -> int:
     from .settings import ModelSpec
     from .run import evaluate
 
-    from ..preflight import check_model_source
-
-    for model in a.models:  # a mistyped folder or an unreachable hub: at once, not after the hub's retries
-        check_model_source(model, "model")
     models = [ModelSpec(m, plugin=a.plugin, force_plugin=a.force) for m in a.models]
     written = evaluate(models, a.task, a.out, labels=a.label, command=shlex.join(["sfn", "eval", *argv]),
                        overwrite=a.overwrite, **evaluate_kwargs(a))

@@ -105,6 +105,10 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
     if existing and not overwrite:
         raise SfnError(f"{existing[0]} already holds a result{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}: "
                        "choose another --out or pass --overwrite to replace it.")
+    from ..preflight import check_model_source
+
+    for spec in specs:  # a mistyped folder or an unreachable hub: at once, not after the hub's retries
+        check_model_source(spec.path, "model")
     tok_info = _check_tokenizers(specs, allow_tokenizer_mismatch)
     for spec in specs:
         tokenizer, eos, _ = tok_info[spec.label]
