@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..evaluation import compare, load_result
 from ..evaluation.stats import format_p, paired_bootstrap
+from ..manifest import MANIFEST_FILE
 
 ALPHA = 0.05
 CHANCE = 0.1  # ten possible answers
@@ -495,7 +496,7 @@ def _findings(results: dict, onestep: dict, destroy: dict, delta_ranking: list[s
 
 
 def _fraction(info: dict) -> float:
-    manifest = json.loads((Path(info["folder"]) / "sfn_manifest.json").read_text())
+    manifest = json.loads((Path(info["folder"]) / MANIFEST_FILE).read_text())
     return manifest["selection"]["trainable_fraction"]
 
 

@@ -18,7 +18,7 @@ from ..errors import SfnError
 from ..evaluation import compare, load_result
 from ..evaluation.tables import (ModelEntry, delta_table, destruction_table, findings, finetune_table,
                                  group_by_variant, merge_table, seed_findings, seed_table)
-from ..manifest import new_manifest, write_json
+from ..manifest import MANIFEST_FILE, new_manifest, write_json
 from .schema import seeded, variant_of
 
 RECORD_FILE = "study_run.json"
@@ -106,7 +106,7 @@ def _eval_results(folder: Path) -> list[tuple[Path, dict]]:
 
 def _training(folder: Path, marker: dict) -> dict:
     """Trainable share, speed and peak memory of one `sfn train` run, from its manifest and the stage's marker."""
-    manifest = json.loads((folder / "sfn_manifest.json").read_text())
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
     selection, metrics = manifest["selection"], manifest.get("metrics", {})
     layers = ",".join(map(str, selection.get("trainable_layers") or ["all"]))
     rss = marker.get("peak_rss_mb")
