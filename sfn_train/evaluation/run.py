@@ -73,6 +73,20 @@ def _check_tokenizers(specs: list[ModelSpec], allow_mismatch: bool) -> dict[str,
     return info
 
 
+def _check_before_loading(paths: dict, specs: list[ModelSpec], overwrite: bool) -> None:
+    """Refuse to replace existing results unless `overwrite`; fail at once on a model that is not there (a mistyped
+    folder, or a hub id out of reach: sfn_train/preflight.py), not after the hub's retries."""
+    from ..preflight import check_model_source
+
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise SfnError(f"{existing[0]} already holds a result{more}: choose another --out or pass --overwrite to "
+                       "replace it.")
+    for spec in specs:
+        check_model_source(spec.path, "model")
+
+
 def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: list[str] | None = None,
              task_files: dict[str, str] | None = None, task_revisions: dict[str, str] | None = None, answer_type: str | None = None, limit: int | None = None,
              grading_timeout: float = DEFAULT_TIMEOUT_S, grading_workers: int | None = None,
@@ -101,14 +115,7 @@ def evaluate(models: list, tasks: list[str], out: str | os.PathLike, *, labels: 
     loaded = [load_task(t, task_files=task_files, answer_type=answer_type, limit=limit,
                         bare=gen.prompts == "bare", revisions=task_revisions) for t in tasks]
     paths = output_paths(out, specs, loaded)
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise SfnError(f"{existing[0]} already holds a result{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}: "
-                       "choose another --out or pass --overwrite to replace it.")
-    from ..preflight import check_model_source
-
-    for spec in specs:  # a mistyped folder or an unreachable hub: at once, not after the hub's retries
-        check_model_source(spec.path, "model")
+    _check_before_loading(paths, specs, overwrite)
     tok_info = _check_tokenizers(specs, allow_tokenizer_mismatch)
     for spec in specs:
         tokenizer, eos, _ = tok_info[spec.label]
