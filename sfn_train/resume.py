@@ -46,6 +46,10 @@ def _torch_file_problem(path: Path) -> str | None:
 
 def _weights_problems(folder: Path) -> list[str]:
     from .checkpoint import INDEX_FILE, SINGLE_FILE, read_header
+    from .partial_checkpoints import is_partial, partial_problems
+
+    if is_partial(folder):  # only the trained tensors: sfn_train/partial_checkpoints.py
+        return partial_problems(folder)
 
     index = folder / INDEX_FILE
     if index.exists():

@@ -36,6 +36,7 @@ from .outputs import (
 )
 from .precision import Masters, full_precision_tensors, keep_fp32_masters, restore_loaded_dtypes
 from .rerun import OutputPlan, check_resume_recipe, plan_output_dir, release_replaced, take_output_dir
+from .partial_checkpoints import partial_checkpoints
 from .startup import check_run_setup, init_distributed, resolve_attention, setup_logging
 from .stop_tokens import match_stop_tokens
 
@@ -347,6 +348,8 @@ def train_run(run: Run, callbacks=None):
     trainer = build_trainer(model, training_args, run.train_dataset, run.tokenizer, [precision, *(callbacks or [])],
                             eval_dataset=run.eval_dataset)
     run.attention["padding_free"] = bool(getattr(trainer.data_collator, "padding_free", False))  # the live collator's
+    trainer.sfn_partial = partial_checkpoints(run.selection, run.args[2], training_args, run.fingerprint,
+                                              str(run.engine.engine))  # checkpoints hold only what changed
     engine_check = EngineCheck(trainer, run.engine)
     trainer.add_callback(engine_check)
     log_router_aux_loss(trainer)

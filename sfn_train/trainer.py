@@ -6,6 +6,8 @@ One class, as TRL has one per method (`trl/trainer/sft_trainer.py`). What it add
   FSDP after the accelerator is built, so CPU runs and tests take the path GPU runs take (sfn_train/engine.py).
 - Length buckets: when `train_sampling_strategy` resolved to LENGTH_BUCKETS, the training sampler is a
   `LengthBucketSampler` (sfn_train/batching.py) instead of the Trainer's random one.
+- Checkpoints that hold only what changed (`PartialCheckpointsMixin`, sfn_train/partial_checkpoints.py): with
+  `sfn_partial` set, checkpoint-N holds the trained tensors and the training state, not the frozen weights.
 
 Training is imported lazily by the entry points (sfn_train/lean_imports.py), so this module imports TRL at the top.
 """
@@ -18,9 +20,10 @@ from trl import SFTTrainer
 
 from .batching import LENGTH_BUCKETS, LengthBucketSampler
 from . import engine
+from .partial_checkpoints import PartialCheckpointsMixin
 
 
-class SfnTrainer(SFTTrainer):
+class SfnTrainer(PartialCheckpointsMixin, SFTTrainer):
     """TRL's SFTTrainer, taking FSDP2 on CPU instead of dropping it, and sampling length buckets on request."""
 
     def create_accelerator_and_postprocess(self):

@@ -166,9 +166,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, qwen2_base, sum_data):
 
 
 @pytest.mark.slow
-def test_killed_zero2_run_resumes_to_the_same_weights(tmp_path, qwen2_base, sum_data):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_killed_deepspeed_run_resumes_to_the_same_weights(tmp_path, qwen2_base, sum_data, zero):
+    """The engine's checkpoints hold no frozen tensors (sfn_train/partial_checkpoints.py); the resume is bitwise."""
     kill_and_resume(tmp_path, qwen2_base, sum_data, 2, **{**KILL_KEYS, "max_steps": 30},
-                    per_device_train_batch_size=2, deepspeed=str(REPO / "ds_configs" / "zero2.json"))
+                    per_device_train_batch_size=2, deepspeed=str(REPO / "ds_configs" / f"{zero}.json"))
+    states = list((tmp_path / "killed" / "out").glob("checkpoint-*/global_step*/*model_states.pt"))
+    frozen = "model.layers.0.self_attn.q_proj.weight"
+    loaded = [torch.load(f, weights_only=False, map_location="cpu") for f in states]  # DeepSpeed's own format
+    assert loaded and all(frozen not in s["module"] and not s.get("frozen_param_fragments") for s in loaded)
+    assert not list((tmp_path / "killed" / "out").glob("checkpoint-*/model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -202,8 +209,12 @@ def test_checkpoint_checks_name_each_problem(tmp_path, reference_run):
 
     assert "trainer_state.json is missing" in damaged("state", lambda f: (f / "trainer_state.json").unlink())
     assert "trainer_state.json is unreadable" in damaged("json", lambda f: truncate(f / "trainer_state.json"))
-    assert "model.safetensors is truncated" in damaged("weights", lambda f: truncate(f / "model.safetensors", 0.9))
-    assert "no model weights" in damaged("noweights", lambda f: (f / "model.safetensors").unlink())
+    # an o_proj run's checkpoint holds only the trained tensors (sfn_train/partial_checkpoints.py)
+    assert not (good / "model.safetensors").exists()
+    assert "sfn_trained.safetensors is truncated" in damaged(
+        "weights", lambda f: truncate(f / "sfn_trained.safetensors", 0.9))
+    assert "sfn_trained.safetensors is missing" in damaged("noweights", lambda f: (f / "sfn_trained.safetensors").unlink())
+    assert "sfn_checkpoint.json is unreadable" in damaged("record", lambda f: truncate(f / "sfn_checkpoint.json"))
     assert "optimizer.pt is not a complete torch file" in damaged("optim", lambda f: truncate(f / "optimizer.pt"))
     assert "scheduler.pt is missing" in damaged("sched", lambda f: (f / "scheduler.pt").unlink())
     assert "rng_state.pth is missing" in damaged("rng", lambda f: (f / "rng_state.pth").unlink())
@@ -237,7 +248,7 @@ def test_resume_skips_incomplete_checkpoints(tmp_path, qwen2_base, sum_data, ref
     for step in (2, 4, 6):
         shutil.copytree(reference_run / f"checkpoint-{step}", out / f"checkpoint-{step}")
     (out / "checkpoint-6" / "trainer_state.json").unlink()
-    weights = out / "checkpoint-4" / "model.safetensors"
+    weights = out / "checkpoint-4" / "sfn_trained.safetensors"
     os.truncate(weights, weights.stat().st_size - 1000)
     (out / "tmp-checkpoint-8").mkdir()  # a staging folder of older transformers versions: never a candidate
     (out / "tmp-checkpoint-8" / "trainer_state.json").write_text("{}")
@@ -249,7 +260,7 @@ def test_resume_skips_incomplete_checkpoints(tmp_path, qwen2_base, sum_data, ref
     recipe = train_recipe(tmp_path, qwen2_base, sum_data, resume_from_checkpoint="true", **STEPS)
     assert main(["train", "--config", str(recipe)]) == 0
     assert "skipping incomplete checkpoint-6 (trainer_state.json is missing" in caplog.text
-    assert "skipping incomplete checkpoint-4 (model.safetensors is truncated" in caplog.text
+    assert "skipping incomplete checkpoint-4 (sfn_trained.safetensors is truncated" in caplog.text
     assert f"resume: from {out / 'checkpoint-2'}" in caplog.text
     steps = json.loads((out / "sfn_manifest.json").read_text())["engine"]["steps"]
     assert steps == {"resumed_at": 2, "run_in_this_process": 4}  # steps 3-6 ran, not 1-6
