@@ -9,7 +9,7 @@ import shutil
 
 import torch
 
-from conftest import load_tensors, one_line_error, train_recipe
+from helpers import load_tensors, one_line_error, train_recipe
 from sfn_train.cli import main
 
 O_PROJ = {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(4)}
