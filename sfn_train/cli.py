@@ -11,7 +11,8 @@ import sys
 
 from .errors import SfnError, disk_full_error, is_disk_full
 
-# name -> (module, function taking argv and returning an exit code, one-line help)
+# The one registry of sub-commands: name -> (module, function taking argv and returning an exit code, one-line help).
+# Each module is imported only when its command runs (`sfn --help` imports none of them).
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("sfn_train.train", "cli_main", "fine-tune the named modules (TRL SFT; recipe YAML + flags)"),
     "sweep": ("sfn_train.sweep", "cli_main", "train one recipe over a grid (e.g. learning rates), ranked on validation data"),
@@ -24,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("sfn_train.evaluation.cli", "eval_main", "generate and grade checkpoints on tasks"),
     "compare": ("sfn_train.evaluation.cli", "compare_main", "compare eval results against a baseline"),
     "grade": ("sfn_train.evaluation.cli", "grade_main", "grade responses made elsewhere"),
-    "lab": ("sfn_train.lab", "cli_main", "the built-in SfN study at small scale, end to end on CPU"),
+    "lab": ("sfn_train.lab.pipeline", "cli_main", "the built-in SfN study at small scale, end to end on CPU"),
     "study": ("sfn_train.study", "cli_main", "the SfN workflow on real checkpoints from one YAML (cached stages, --plan)"),
 }
 

@@ -11,9 +11,3 @@ The lab depends on evaluation, never the reverse.
 """
 
 from __future__ import annotations
-
-
-def cli_main(argv: list[str]) -> int:
-    from .pipeline import cli_main as run
-
-    return run(argv)
