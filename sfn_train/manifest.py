@@ -13,7 +13,8 @@ Every output carries the same provenance fields (`PROVENANCE_FIELDS`), then the 
 and, after them, `runtime`: what else changes numbers on the same versions (`runtime()`): torch's intra- and inter-op
 thread counts, the CPU kernel set ATen dispatches to (`cpu_capability`: AVX512, AVX2, ...), OMP_NUM_THREADS and
 ATEN_CPU_CAPABILITY as set, the CPU model and count, and the GPU. Measured (docs/reproducibility.md): the same seed
-on another CPU kernel set gives other weights, while thread count and transformers 5.24 vs 5.25 did not change them.
+on another CPU kernel set (AVX2 vs AVX512) gives other weights; thread count (1 vs 2) and transformers 5.24 vs 5.25
+did not change them.
 
 A training run and each gadget write it as `sfn_manifest.json` in their output folder (`write_manifest`); an
 evaluation result file holds the same fields at its top level. docs/outputs.md lists the fields of each kind.
