@@ -8,7 +8,7 @@ stage's folder and runs it again, after removing the old marker first, so a kill
 marker that looks current. Each completed run gets a fresh `run_id`, which downstream stages that read files rather
 than checkpoints (a report) include in their own inputs.
 
-Used by `sfn study`. (The lab's pipeline, sfn_train/lab/pipeline.py, writes markers of its own.)
+Used by `sfn study` and by `sfn lab` (its data, base, fine-tune, sweep, gadgets and eval stages).
 """
 
 from __future__ import annotations

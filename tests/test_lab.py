@@ -90,10 +90,11 @@ def test_tiny_lab_end_to_end(tiny_lab_root):
     assert "## What this run found" in text and "## What the lab can and cannot show" in text
     assert (root / "compare.md").exists() and (root / "compare_accuracy.png").stat().st_size > 0
     assert re.search(r"\| zero \| (I|II|III|IV) \(", text)
-    # every stage is cached: a second run redoes nothing
+    # every stage is cached: a second run redoes nothing (the report is rewritten from the record)
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
-    Lab(root, size="tiny", seed=3).run()
-    assert before == {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
+    again = Lab(root, size="tiny", seed=3)
+    again.run()
+    assert again.ran == [] and before == {p: p.stat().st_mtime_ns for p in root.rglob("*.safetensors")}
 
 
 @pytest.mark.slow
@@ -139,7 +140,9 @@ def test_tiny_lab_sweep_is_kept_when_only_the_recipes_rate_or_comments_change(ti
     lines = []
     lab = Lab(tiny_lab_root, size="tiny", seed=3, recipes=recipes, sweep=True, variants=("oproj",), log=lines.append)
     lab.run(["finetune"])
-    assert "[lab] sweep:oproj: cached" in "\n".join(lines[-3:]) and lab.trained["oproj"]["recipe_rate"] == 0.5
+    assert lab.ran == [] and any(line.endswith("sweep:oproj (" + str(tiny_lab_root / "sweeps" / "oproj")
+                                                + "): done before, skipped") for line in lines)
+    assert lab.trained["oproj"]["recipe_rate"] == 0.5
     assert weights == {p: p.stat().st_mtime_ns for p in (tiny_lab_root / "sweeps").rglob("*.safetensors")}
     # without --sweep the rate is what the stage trains at: a new rate is a new stage, a new comment is not
     shipped, rerated = (Lab(tiny_lab_root, size="tiny", seed=3, recipes=r) for r in (REPO_RECIPES, recipes))
@@ -212,3 +215,29 @@ def test_scale_section_says_which_side_moved_and_flags_a_size_that_did_not_learn
                                                                point("medium", 3e6, 0.17, 0.92, 0.85)]}))
     assert "Most of the change is o_proj-only tuning's" in caught_up and "gains only" not in caught_up
     assert (tmp_path / "scale_gap.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tiny_lab_seeds_builds_data_and_base_once_and_trains_each_seed(tiny_lab_root, monkeypatch):
+    """`sfn lab --seeds 2`: the lab's data and base (cached from the fixture: not rebuilt), then the lab study trains
+    o_proj and full once per fine-tuning seed (3 and 4, from the one base), and its report compares them over seeds."""
+    import sfn_train.study.pipeline
+    from sfn_train.cli import main
+
+    root = tiny_lab_root
+    base = {p: p.stat().st_mtime_ns for p in (root / "base").rglob("*")}
+    trained = []
+    real = sfn_train.study.pipeline.run_training
+    monkeypatch.setattr(sfn_train.study.pipeline, "run_training",
+                        lambda command, folder, name: trained.append(name) or real(command, folder, name))
+    assert main(["lab", "--size", "tiny", "--seed", "3", "--root", str(root), "--seeds", "2"]) == 0
+    assert base == {p: p.stat().st_mtime_ns for p in (root / "base").rglob("*")}
+    assert trained == ["full@3", "full@4", "oproj@3", "oproj@4"]
+    for name in trained:
+        manifest = json.loads((root / "study" / "train" / name / "sfn_manifest.json").read_text())
+        assert manifest["seed"] == int(name.split("@")[1])
+        assert manifest["base"]["model_name_or_path"] == str(root / "base")
+        assert manifest["recipe"]["script"]["dataset_name"] == str(root / "data" / "sft_reasoning.jsonl")
+    report = (root / "study" / "report.md").read_text()
+    assert "## Variants over seeds" in report and "| oproj | 2 |" in report and "| full | 2 |" in report
+    assert "lab_reason: oproj over 2 seeds" in report

@@ -2,9 +2,10 @@
 
 Every stage goes through the public paths a real study uses: `sfn train` recipes (`recipes/lab/*.yaml`, run as
 subprocesses so that each run's peak memory is its own), `sfn sweep`, `sfn_train.gadgets` and `sfn_train.evaluation`.
-A stage folder holds `.sfn_stage.json` with the hash of its inputs (settings + upstream hashes); a later run skips a
-stage whose hash matches and redoes it (and everything downstream) otherwise. A sweep stage resumes instead: its
-finished points are kept when the run is interrupted.
+Stages run through the study's `StageRunner` (`sfn_train/stages.py`; markers in `<root>/stages`): each is keyed by
+the hash of its inputs (settings + upstream keys); a later run skips a stage whose key matches and redoes it (and
+everything downstream) otherwise. A sweep stage resumes instead: its finished points are kept when the run is
+interrupted. `sfn lab --seeds` runs the lab's data and base, then a shipped study over them (`sfn_train/lab/study.py`).
 
 Learning rates: by default each fine-tune trains at the rate its recipe ships (chosen by an earlier `sfn lab --sweep`,
 as the recipe's comment says); with `--sweep` each variant runs its own `sfn sweep` over `LabSize.sweep_rates`, ranked
@@ -24,14 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..arguments import ArgumentParser
-from ..subprocess_run import run_command
 from ..errors import SfnError
 from ..evaluation.tasks import packaged_task_file
 from ..manifest import MANIFEST_FILE
+from ..subprocess_run import run_command
 from .problems import REASON_STEPS, all_single_steps, fact_rows, generate, sft_rows, shipped_tasks, write_jsonl
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "lab"
-STAGE_FILE = ".sfn_stage.json"
 RUN_RECORD = "lab_run.json"
 LAB_TASKS = ("lab_reason", "lab_onestep")
 ORDER = ["data", "base", "finetune", "gadgets", "eval", "scale", "report"]
@@ -66,10 +66,11 @@ class LabSize:
     finetune_epochs: float
     eval_limit: int | None  # problems of each task evaluated (None = all)
     sweep_rates: tuple[float, ...]  # the learning rates `--sweep` tries for every variant
+    study_epochs: float | None = None  # `--seeds`: epochs per fine-tune (None: the shipped study's, 6)
 
 
 SIZES = {
-    "tiny": LabSize(64, 2, 4, 2, 300, 1, 300, 1, 1e-3, 200, 1, 40, (1e-3, 1e-2)),  # tests: runs, proves nothing
+    "tiny": LabSize(64, 2, 4, 2, 300, 1, 300, 1, 1e-3, 200, 1, 40, (1e-3, 1e-2), 1),  # tests: runs, proves nothing
     "small": LabSize(128, 4, 4, 2, 1500, 6, 9000, 3, 1e-3, 2400, 2, None, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
     # Larger models on the same data as small: the scale stage then varies the parameter count alone
     "medium": LabSize(192, 6, 6, 2, 1500, 6, 9000, 3, 1e-3, 2400, 2, None, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
@@ -104,34 +105,31 @@ class Lab:
         self.sweep, self.variants = sweep, tuple(variants)
         self.log = log
         self.hashes: dict[str, str] = {}
+        self.ran: list[str] = []  # the stages this run built (not cached)
         self.timings: dict[str, float] = {}
         self.trained: dict[str, dict] = {}  # variant -> {folder, learning_rate, chosen_by, ...}
         self.scale: dict | None = None
 
     # -- caching ---------------------------------------------------------------------------------------------------
     def stage(self, name: str, folder: Path, inputs: dict, build, resumable: bool = False) -> Path:
-        key = _hash({"stage": name, **inputs})
-        self.hashes[name] = key
-        marker = folder / STAGE_FILE
-        old = json.loads(marker.read_text()) if marker.exists() else {}
-        if old.get("key") == key and old.get("complete", True):
-            self.log(f"[lab] {name}: cached ({folder})")
-            self.timings[name] = old.get("seconds", 0.0)
-            return folder
-        if old.get("key") == key and resumable:
-            self.log(f"[lab] {name}: resuming in {folder}")
-        else:
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True)
-            self.log(f"[lab] {name}: running -> {folder}")
-            if resumable:
-                marker.write_text(json.dumps({"key": key, "inputs": inputs, "complete": False}, default=str))
-        started = time.perf_counter()
-        build(folder)
-        seconds = time.perf_counter() - started
-        self.timings[name] = seconds
-        marker.write_text(json.dumps({"key": key, "inputs": inputs, "seconds": seconds, "complete": True}, default=str))
+        """One stage through the study's `StageRunner` (markers in `<root>/stages`): skipped when its inputs (settings
+        and the upstream stages' keys) are unchanged, else its folder cleared and rebuilt. A `resumable` stage (a
+        sweep) keeps its folder after a kill, so its finished points are kept; inputs that changed clear it."""
+        from ..stages import Stage, StageRunner
+
+        def run_build():
+            folder.mkdir(parents=True, exist_ok=True)
+            build(folder)
+
+        runner = StageRunner([Stage(name, name.split(":")[0], str(folder), [], lambda: inputs, run_build, folder,
+                                    clear=not resumable)], self.root / "stages", log=self.log, prefix="lab")
+        old = runner.marker(name)
+        if resumable and old is not None and old.get("key") != runner.key(name) and folder.exists():
+            shutil.rmtree(folder)  # a finished sweep of other inputs: nothing of it to resume
+        self.hashes[name] = runner.key(name)[:16]
+        result = runner.run()
+        self.ran += result["ran"]
+        self.timings[name] = runner.marker(name)["seconds"]
         return folder
 
     # -- stages ----------------------------------------------------------------------------------------------------
@@ -283,8 +281,8 @@ class Lab:
         """o_proj vs full at several model sizes: one lab per size (data, base, both fine-tunes, eval), this lab for
         its own size; the gap full - o_proj with its paired-bootstrap CI against the parameter count."""
         from ..evaluation import load_result
-        from ..evaluation.stats import paired_bootstrap
-        from .report import params_of, per_problem
+        from ..evaluation.tables import paired_test
+        from .report import params_of
 
         points = []
         for size in sizes:
@@ -296,9 +294,7 @@ class Lab:
                 for step in (lab.data, lab.base, lab.finetunes, lab.evaluate):
                     step()
             res = {v: load_result(lab.root / "evals" / f"{v}__lab_reason.json") for v in ("A", *SCALE_VARIANTS)}
-            full, oproj = per_problem(res["full"]), per_problem(res["oproj"])
-            shared = [i for i in full if i in oproj]
-            test = paired_bootstrap([full[i] for i in shared], [oproj[i] for i in shared], seed=self.seed)
+            test = paired_test(res["full"], res["oproj"], seed=self.seed)
             points.append({"size": size, "root": str(lab.root), "params": params_of(lab.root / "base"),
                            "hidden": lab.size.hidden, "layers": lab.size.layers,
                            "rates": {v: lab.trained[v]["learning_rate"] for v in SCALE_VARIANTS},
@@ -349,11 +345,10 @@ class Lab:
         cmd = [sys.executable, "-m", "sfn_train.cli", "train", "--config", str(self.recipes / f"{recipe}.yaml")]
         for key, value in flags.items():
             cmd += [f"--{key}", str(value)]
-        started = time.perf_counter()
-        run = run_command(cmd, env=TRAIN_ENV)  # stopping the lab stops the run (sfn_train/subprocess_run.py)
+        run = run_command(cmd, env=TRAIN_ENV)
         if run.exit_code != 0:
             raise SfnError(f"lab training run {recipe} failed (exit {run.exit_code}); its output is above.")
-        stats = {"wall_s": time.perf_counter() - started, "peak_rss_mb": run.peak_rss_mb}
+        stats = {"wall_s": run.wall_s, "cpu_s": run.cpu_s, "peak_rss_mb": run.peak_rss_mb}
         (out / "lab_train_stats.json").write_text(json.dumps(stats))
         return stats
 
@@ -398,7 +393,17 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--scale", help="comma-separated sizes for the o_proj-vs-full scale stage, e.g. small,medium")
     parser.add_argument("--stage", action="append", choices=ORDER,
                         help="run up to these stages only (repeatable); default all")
+    parser.add_argument("--seeds", help="the lab as a study over fine-tuning seeds: a count (3 = --seed, --seed+1, "
+                        "--seed+2) or a list (42,43,44); data and base are built once (at --seed), each fine-tune "
+                        "trains once per seed for 6 epochs, and lab/study/report.md compares the variants over seeds "
+                        "and problems (o_proj vs full; its measured time and CPU time are in docs/lab.md)")
+    parser.add_argument("--full", action="store_true", help="with --seeds: every fine-tune variant, the merges and "
+                        "the destruction grid (recipes/studies/lab_full.yaml) instead of o_proj vs full")
     ns = parser.parse_args(argv)
+    if ns.seeds is not None:
+        return _seeds_main(ns)
+    if ns.full:
+        raise SfnError("--full runs the lab as a study over seeds: add --seeds (e.g. --seeds 3).")
     scale = [s.strip() for s in ns.scale.split(",")] if ns.scale else None
     for size in scale or []:
         if size not in SIZES:
@@ -410,4 +415,16 @@ def cli_main(argv: list[str]) -> int:
         print(f"report: {report}")
     else:  # --stage stopped before the report stage: name what was run, not a file that is not there
         print(f"done: stages {', '.join(ns.stage)} in {ns.root}; `sfn lab` (or --stage report) writes the report.")
+    return 0
+
+
+def _seeds_main(ns) -> int:
+    from .study import parse_seeds, run_lab_study
+
+    for flag, value in (("--sweep", ns.sweep), ("--scale", ns.scale), ("--stage", ns.stage)):
+        if value:
+            raise SfnError(f"{flag} belongs to the single-seed lab; leave it out with --seeds (the study over seeds "
+                           "trains each variant at its recipe's rate).")
+    run_lab_study(ns.root, ns.size, ns.seed, parse_seeds(ns.seeds, ns.seed), ns.full,
+                  log=lambda line: print(line, flush=True))  # its last line names the report
     return 0

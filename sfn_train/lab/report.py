@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from pathlib import Path
 
 from ..evaluation import compare, load_result
-from ..evaluation.stats import format_p, paired_bootstrap
+from ..evaluation.stats import format_p
+from ..evaluation.tables import fmt_acc as _acc
+from ..evaluation.tables import fmt_test as _fmt_test
+from ..evaluation.tables import level_shares as _levels
+from ..evaluation.tables import majority_level as _majority_level
+from ..evaluation.tables import paired_test as _test
+from ..evaluation.tables import per_problem
 from ..manifest import MANIFEST_FILE
 
 ALPHA = 0.05
@@ -27,39 +32,10 @@ KNOWS_STEPS = 0.9  # single-step accuracy at which the lab calls A "knowing the 
 # Small readers
 
 
-def per_problem(result: dict) -> dict[str, float]:
-    return {p["id"]: sum(s["correct"] for s in p["samples"]) / len(p["samples"]) for p in result["problems"]}
-
-
 def params_of(folder: Path) -> int:
     from ..checkpoint import Checkpoint
 
     return sum(math.prod(info.shape) for info in Checkpoint(folder).tensors.values())
-
-
-def _acc(result: dict) -> str:
-    s = result["summary"]
-    return f"{s['pass_at_1']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
-
-
-def _levels(result: dict) -> str:
-    shares = result["summary"]["level_shares"]
-    return " / ".join(f"{shares[k]:.2f}" for k in ("I", "II", "III", "IV"))
-
-
-def _majority_level(result: dict) -> str:
-    counts = Counter(s["level"] for p in result["problems"] for s in p["samples"])
-    return counts.most_common(1)[0][0]
-
-
-def _test(a: dict, b: dict, seed: int) -> dict:
-    pa, pb = per_problem(a), per_problem(b)
-    shared = [i for i in pa if i in pb]
-    return paired_bootstrap([pa[i] for i in shared], [pb[i] for i in shared], seed=seed)
-
-
-def _fmt_test(test: dict) -> str:
-    return f"{test['delta']:+.3f} ({format_p(test['p_value'])})"
 
 
 def _n_steps(problem: dict) -> int:
@@ -204,33 +180,52 @@ def _scale_plot(scale: dict, out: Path) -> Path:
 def write_report(root: str | Path) -> Path:
     root = Path(root)
     run = json.loads((root / "lab_run.json").read_text())
-    seed, variants = run["seed"], run["variants"]
-    merges, roles = run["merges"], run["destroy_roles"]
+    seed, variants, merges = run["seed"], run["variants"], run["merges"]
     ev = root / "evals"
-
-    def result(label: str, task: str = "lab_reason") -> dict:
-        return load_result(ev / f"{label}__{task}.json")
-
     groups = {"A": "fine-tunes", **{v: "fine-tunes" for v in variants}, **{m: "merges" for m in merges}}
     groups.update({label: "destruction of B" for label in run["models"] if label not in groups})
     files = [ev / f"{label}__lab_reason.json" for label in run["models"]]
     compare(files, baseline="full", out=root / "compare.md", seed=seed, groups=groups)
-    results = {label: result(label) for label in ["A", *variants, *merges]}
-    a, b = results["A"], results["full"]
-    onestep = result("A", "lab_onestep")
-    curve_png, curve = _loss_curve(root, root / "base_loss.png")
-    size = run["size"]
+    results = {label: load_result(ev / f"{label}__lab_reason.json") for label in ["A", *variants, *merges]}
+    onestep = load_result(ev / "A__lab_onestep.json")
     n_params = params_of(root / "base")
 
     lines = [f"# SfN lab report (size {run['size_name']}, seed {seed})", ""]
-    lines += [
+    lines += _base_section(root, run, results["A"], onestep, n_params)
+    lines += _rates_section(root, run)
+    lines += _finetune_section(run, results)
+    lines += _merge_section(run, results)
+    destroy_lines, destroy = _destroy_section(run, ev)
+    lines += destroy_lines
+    delta_lines, ranking = _delta_section(root)
+    lines += delta_lines
+    if run.get("scale"):
+        lines += _scale_section(root, run["scale"])
+    lines += ["## What this run found", ""]
+    lines += [f"- {s}" for s in _findings(results, onestep, destroy, ranking, variants, run, seed)]
+    lines += ["", "## What the lab can and cannot show at this scale", ""]
+    lines += [f"- {s}" for s in _limits(results, onestep, run, n_params, seed)]
+    lines += ["", "Full comparison table and plots (baseline B): [compare.md](compare.md).", "",
+              "## Run", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in run["timings"].items()]
+    lines.append("")
+    out = root / "report.md"
+    out.write_text("\n".join(lines), encoding="utf-8")
+    return out
+
+
+def _base_section(root: Path, run: dict, a: dict, onestep: dict, n_params: int) -> list[str]:
+    size = run["size"]
+    curve_png, curve = _loss_curve(root, root / "base_loss.png")
+    lines = [
         "Everything below was measured in this run; the lab's design is in `sfn_train/lab/problems.py` "
         "(modular-arithmetic chains) and `sfn_train/lab/pipeline.py`. Task `lab_reason`: "
         f"{a['summary']['n_problems']} held-out problems of {', '.join(map(str, run['reason_steps']))} steps, greedy "
         "decoding, exact match of the boxed answer; pass@1 with a 95% bootstrap CI over problems (a Wilson score "
         "interval where every problem scored the same, e.g. 0/n, since the bootstrap then has zero width); Δ and p from "
         "a paired bootstrap over the same problems. Levels I/II/III/IV are the shares of responses at each level (rules in "
-        "`sfn_train/evaluation/levels.py`).", "",
+        "`sfn_train/evaluation/levels.py`). One training run per variant: the intervals and tests cover the sampling "
+        "of test problems, not a different training seed (`sfn lab --seeds 3` compares over seeds).", "",
         "## Base model A: single steps and chains", "",
         f"A small Qwen2 ({n_params:,} parameters, {size['layers']} layers, hidden {size['hidden']}) pre-trained from "
         "scratch on the 260 facts in the traces' notation (`Compute 7+5 mod 10.` -> `7+5=2.`), one-step problems "
@@ -245,19 +240,21 @@ def write_report(root: str | Path) -> Path:
     if curve:
         lines += [f"Training loss {curve[0][1]:.3f} at step {curve[0][0]} -> {curve[-1][1]:.3f} at step {curve[-1][0]}.",
                   "", f"![base loss]({curve_png.name})", ""]
+    return lines
 
-    lines += _rates_section(root, run)
 
-    # Table 2: fine-tune variants
-    lines += ["## Fine-tunes on reasoning traces (the paper's Table 2)", "",
-              "Same data, epochs and recipe except `trainable_modules` (and the learning rate, each variant's own); "
-              "baseline B = full.", "",
-              "| model | tuned | trainable params | learning rate | steps/s | train time (s) | peak RSS (MB) | "
-              "pass@1 [95% CI] | Δ vs B (p) | by steps | levels I/II/III/IV |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for variant, info in variants.items():
+def _finetune_section(run: dict, results: dict) -> list[str]:
+    """Table 2: the fine-tune variants against B = full."""
+    seed, a, b = run["seed"], results["A"], results["full"]
+    lines = ["## Fine-tunes on reasoning traces (the paper's Table 2)", "",
+             "Same data, epochs and recipe except `trainable_modules` (and the learning rate, each variant's own); "
+             "baseline B = full.", "",
+             "| model | tuned | trainable params | learning rate | steps/s | train time (s) | peak RSS (MB) | "
+             "pass@1 [95% CI] | Δ vs B (p) | by steps | levels I/II/III/IV |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for variant, info in run["variants"].items():
         folder = Path(info["folder"])
-        manifest = json.loads((folder / "sfn_manifest.json").read_text())
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
         metrics = manifest["metrics"]
         stats = _train_stats(folder)
         r = results[variant]
@@ -269,46 +266,56 @@ def write_report(root: str | Path) -> Path:
                      f"{stats.get('peak_rss_mb', float('nan')):.0f} | {_acc(r)} | {test} | {steps} | {_levels(r)} |")
     lines.append(f"| A | — | 0 | — | — | — | — | {_acc(a)} | {_fmt_test(_test(a, b, seed))} | "
                  f"{', '.join(f'{v:.2f}' for v in by_steps(a).values())} | {_levels(a)} |")
-    lines += ["", "By steps: pass@1 on the problems of " + ", ".join(map(str, run["reason_steps"])) + " steps.", ""]
+    return lines + ["", "By steps: pass@1 on the problems of " + ", ".join(map(str, run["reason_steps"])) + " steps.",
+                    ""]
 
-    # Table 1: merges
-    lines += ["## Merges: A with B's modules, no further training (the paper's Table 1)", "",
-              "| model | replaced | pass@1 [95% CI] | Δ vs A (p) | mean tokens | levels I/II/III/IV |",
-              "|---|---|---|---|---|---|"]
+
+def _merge_section(run: dict, results: dict) -> list[str]:
+    """Table 1: A with B's modules, against A."""
+    seed, a, b = run["seed"], results["A"], results["full"]
+    lines = ["## Merges: A with B's modules, no further training (the paper's Table 1)", "",
+             "| model | replaced | pass@1 [95% CI] | Δ vs A (p) | mean tokens | levels I/II/III/IV |",
+             "|---|---|---|---|---|---|"]
     lines.append(f"| A | — | {_acc(a)} | — | {a['summary']['mean_tokens']:.1f} | {_levels(a)} |")
-    for merge, modules in merges.items():
+    for merge, modules in run["merges"].items():
         r = results[merge]
         lines.append(f"| {merge} | {modules} | {_acc(r)} | {_fmt_test(_test(r, a, seed))} | "
                      f"{r['summary']['mean_tokens']:.1f} | {_levels(r)} |")
     lines.append(f"| B | all | {_acc(b)} | {_fmt_test(_test(b, a, seed))} | {b['summary']['mean_tokens']:.1f} | "
                  f"{_levels(b)} |")
-    lines.append("")
+    return lines + [""]
 
-    # Table 3: destruction
-    lines += [f"## Destruction of B in layers {run['destroy_layers']} of {size['layers']} (the paper's Table 3)", "",
-              "Cell: majority response level, then pass@1.", "",
-              "| destroyed | " + " | ".join(roles) + " |", "|---|" + "---|" * len(roles)]
+
+def _destroy_section(run: dict, ev: Path) -> tuple[list[str], dict]:
+    """Table 3: zero / reinit of each role of B, and the layers removed; the results by (mode, role)."""
+    roles = run["destroy_roles"]
+    lines = [f"## Destruction of B in layers {run['destroy_layers']} of {run['size']['layers']} (the paper's Table 3)",
+             "", "Cell: majority response level, then pass@1.", "",
+             "| destroyed | " + " | ".join(roles) + " |", "|---|" + "---|" * len(roles)]
     destroy = {}
     for mode in ("zero", "reinit"):
         cells = []
         for role in roles:
-            r = result(f"{mode}_{role}")
+            r = load_result(ev / f"{mode}_{role}__lab_reason.json")
             destroy[mode, role] = r
             cells.append(f"{_majority_level(r)} ({r['summary']['pass_at_1']:.2f})")
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    removed = result("remove")
+    removed = load_result(ev / "remove__lab_reason.json")
     lines.append(f"| remove layers | {_majority_level(removed)} ({removed['summary']['pass_at_1']:.2f}) "
                  + "| " * (len(roles) - 1) + "|")
     lines += ["", "All models, grouped and sorted (baseline B dashed):", "", "![accuracy](compare_accuracy.png)", ""]
+    return lines, destroy
 
-    # Delta
+
+def _delta_section(root: Path) -> tuple[list[str], list[str]]:
+    """Delta A -> B by role, and the roles' ranking."""
     delta = json.loads((root / "gadgets" / "delta" / "delta.json").read_text())
     ranking = [r for r in delta["ranking"] if delta["roles"][r]["mean_rel_change"] is not None]
-    lines += ["## Delta A -> B (the paper's Figures 2-3)", "",
-              "BC: Sarle's bimodality coefficient of log10|r| over the role's elements (r = ΔW/|W_A| element-wise, an "
-              "unchanged element counted at the dtype's resolution); above 5/9 the elements form two groups, such as "
-              "untouched and moved, below it they moved as one group.", "",
-              "| role | mean ‖ΔW‖/‖W_A‖ over layers | mean ‖ΔW‖ | BC of log10(abs(r)) |", "|---|---|---|---|"]
+    lines = ["## Delta A -> B (the paper's Figures 2-3)", "",
+             "BC: Sarle's bimodality coefficient of log10|r| over the role's elements (r = ΔW/|W_A| element-wise, an "
+             "unchanged element counted at the dtype's resolution); above 5/9 the elements form two groups, such as "
+             "untouched and moved, below it they moved as one group.", "",
+             "| role | mean ‖ΔW‖/‖W_A‖ over layers | mean ‖ΔW‖ | BC of log10(abs(r)) |", "|---|---|---|---|"]
     for role in ranking:
         s = delta["roles"][role]
         bc = (s.get("moments_of_log10_abs_r") or {}).get("bimodality_coefficient")  # absent in older delta.json
@@ -316,21 +323,7 @@ def write_report(root: str | Path) -> Path:
                      f"{'—' if bc is None else f'{bc:.3f}'} |")
     lines += ["", "![L2 by role](gadgets/delta/delta_l2_by_role.png)",
               "![relative change by layer](gadgets/delta/delta_rel_by_layer.png)", ""]
-
-    if run.get("scale"):
-        lines += _scale_section(root, run["scale"])
-
-    lines += ["## What this run found", ""]
-    lines += [f"- {s}" for s in _findings(results, onestep, destroy, ranking, variants, run, seed)]
-    lines += ["", "## What the lab can and cannot show at this scale", ""]
-    lines += [f"- {s}" for s in _limits(results, onestep, run, n_params, seed)]
-    lines += ["", "Full comparison table and plots (baseline B): [compare.md](compare.md).", "",
-              "## Run", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in run["timings"].items()]
-    lines.append("")
-    out = root / "report.md"
-    out.write_text("\n".join(lines), encoding="utf-8")
-    return out
+    return lines, ranking
 
 
 def _train_stats(folder: Path) -> dict:

@@ -67,8 +67,9 @@ def plan_text(study_file, out=None, gpu_memory_gib: float | None = 80.0, memory:
             if s.kind != "report":
                 lines += [f"    runs: {c}" for c in s.commands]
             if s.kind == "train" and memory:
-                f = pipe.finetunes[s.name.split(":", 1)[1]]
-                lines.append("    " + plan_line(pipe._train_args(f.name), f.nproc_per_node, f.nnodes, gpu_memory_gib,
+                name = s.name.split(":", 1)[1]  # the model's name in the study (`oproj@42` with seeds)
+                f = pipe.finetunes[name]
+                lines.append("    " + plan_line(pipe._train_args(name), f.nproc_per_node, f.nnodes, gpu_memory_gib,
                                                   cache))  # seeds of one fine-tune share one prediction
             lines += [f"    {n}" for n in s.notes]
         lines.append("")
