@@ -159,8 +159,23 @@ def _build_model(spec: StepSpec):
 
     attn = "eager" if spec.kernel == "eager" else "sdpa"
     dtype = getattr(torch, spec.dtype) if spec.dtype not in (None, "auto") else torch.float32
-    model = AutoModelForCausalLM.from_config(spec.config, dtype=dtype, attn_implementation=attn)
-    return model
+    return AutoModelForCausalLM.from_config(spec.config, dtype=dtype, attn_implementation=attn)
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """The simulated step is the one-process step (engines.py partitions it): while a ZeRO-3 TrainingArguments is
+    alive in this process (`sfn train`'s start-up plan, a test), transformers would build the model under
+    deepspeed.zero.Init (which needs a process group) and TRL's fused head would look for ZeRO-3 partitions. Run
+    the step as one whole process instead."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _select(model, spec: StepSpec):
@@ -271,7 +286,8 @@ def simulate_step(spec: StepSpec, fake: bool = True, around=None) -> StepTrace:
     start = time.perf_counter()
     tracker = _Tracker(512 if spec.device == "cuda" else 1)
     with FakeTensorMode(allow_non_fake_inputs=False) if fake else contextlib.nullcontext(), \
-            _mask_decisions_as_on_real_tensors(_packed(spec)) if fake else contextlib.nullcontext():
+            _mask_decisions_as_on_real_tensors(_packed(spec)) if fake else contextlib.nullcontext(), \
+            _without_zero3_init():
         model = _build_model(spec)
         trainable = _select(model, spec)
         summary = _param_summary(model, trainable)
