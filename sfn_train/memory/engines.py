@@ -8,7 +8,8 @@ each result says which rows are analytic):
 - ZeRO-2: full bf16 weights; fp32 gradient partition (1/N) plus two reduce buckets (`overlap_comm`); fp32 master
   weights and Adam moments partitioned (12 bytes per trained parameter / N); the step casts one fp32 partition.
 - ZeRO-3: weights partitioned (1/N; parameters under `stage3_param_persistence_threshold` kept whole); while in use,
-  the largest gathered unit plus the prefetch bucket; gradients and optimizer state as ZeRO-2.
+  the largest gathered unit plus the prefetch bucket, or the parameters kept gathered for reuse (up to
+  stage3_max_live_parameters and stage3_max_reuse_distance), whichever is larger; gradients, optimizer as ZeRO-2.
 - FSDP2 (`fully_shard` per decoder layer): every weight sharded (1/N), trained tensors as fp32 masters; the root unit
   (embeddings, head, final norm) stays gathered through forward and backward, two layer units gathered (in use and
   prefetched); one unit's unsharded gradients in bf16 plus their fp32 reduce copy; Adam moments 8 bytes / N.
@@ -97,9 +98,15 @@ def _zero_states(p: dict, engine: str, world: int, zero: dict, hidden: int):
         states["trained_weights"] = sharded * p["trained_bytes"] // max(total, 1)
         units = sorted([*p["layer_bytes"].values(), *(b for _, b in p["small_numels"])], reverse=True)
         prefetch = 2 * _auto(zero.get("stage3_prefetch_bucket_size"), int(0.9 * hidden * hidden))
-        states["gathered_weights"] = units[0] + min(prefetch, units[1] if len(units) > 1 else 0)
+        # parameters reused within stage3_max_reuse_distance stay gathered, up to stage3_max_live_parameters
+        # (1e9 in ds_configs/zero3.json: a whole small model, ~2 GB of bf16 on a large one); measured on 2 CPU ranks
+        numel = p["frozen_numel"] + p["trained_numel"]
+        kept = min(_auto(zero.get("stage3_max_live_parameters"), 10**9),
+                   _auto(zero.get("stage3_max_reuse_distance"), 10**9), numel) * total // max(numel, 1)
+        states["gathered_weights"] = max(units[0] + min(prefetch, units[1] if len(units) > 1 else 0), kept)
         analytic.insert(0, "frozen/trained weights: 1/N partitions (+ parameters below the persistence threshold "
-                        "whole); gathered_weights: the largest unit in use + the prefetch bucket")
+                        "whole); gathered_weights: the largest unit in use + the prefetch bucket, or the parameters "
+                        "kept gathered for reuse (up to stage3_max_live_parameters), whichever is larger")
         if offload_par:
             analytic.insert(0, "offload_param: weight partitions held in CPU memory")
     states["gradients"] = 4 * n_t // world + 2 * 2 * bucket_elems
