@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from .errors import SfnError
+from .jsonl import iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
             if builder is None:
                 raise SfnError(f"dataset file {path} has suffix {path.suffix!r}: use .jsonl, .json or .parquet.")
             if path.suffix == ".jsonl":  # the file, the line and the reason (datasets says "at position 29", or
-                jsonl_problem(path)      # logs a pyarrow traceback for a line that is not an object)
+                for _ in iter_jsonl(path, what="dataset"):  # logs a pyarrow traceback for a non-object line)
+                    pass
             dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir():
             if not any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
@@ -61,24 +63,6 @@ def load_rows(name: str, config: str | None = None, split: str = "train"):
     if len(dataset) == 0:
         raise SfnError(f"dataset {name} is empty: it needs at least one training row.")
     return dataset
-
-
-def jsonl_problem(path: Path) -> None:
-    """Raise an SfnError naming the first line of a .jsonl file that is not one JSON object (none: return)."""
-    import json
-
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SfnError(f"dataset {path} line {lineno} is not valid JSON ({exc.msg} at column {exc.colno}): "
-                               "write one JSON object a line.") from None
-            if not isinstance(row, dict):
-                raise SfnError(f"dataset {path} line {lineno} is a JSON {type(row).__name__}, not an object: write one "
-                               "JSON object ({\"prompt\": ..., \"completion\": ...}) a line.")
 
 
 class _Template(dict):

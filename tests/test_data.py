@@ -228,15 +228,15 @@ def test_dataset_format_s1_names_the_columns_it_needs(tmp_path, qwen2_base, caps
 
 
 @pytest.mark.parametrize("bad_line, reason", [
-    ('{"prompt": "2+2=", "completion": }', "line 3 is not valid JSON (Expecting value at column 34)"),
-    ('["2+2=", "4"]', "line 3 is a JSON list, not an object"),
+    ('{"prompt": "2+2=", "completion": }', ":3 is not valid JSON (Expecting value at column 34)"),
+    ('["2+2=", "4"]', ":3 is a JSON list, not an object"),
 ])
 def test_malformed_jsonl_names_the_file_and_line(tmp_path, capsys, qwen2_base, bad_line, reason):
     data = tmp_path / "rows.jsonl"
     good = json.dumps({"prompt": "1+1=", "completion": "2"})
     data.write_text(f"{good}\n\n{bad_line}\n{good}\n")
     assert main(["train", "--config", str(train_recipe(tmp_path, qwen2_base, data))]) == 2
-    assert f"dataset {data} {reason}" in one_line_error(capsys)
+    assert f"dataset {data}{reason}" in one_line_error(capsys)
 
 
 def test_validation_rows_are_held_out_of_the_training_rows(tmp_path, qwen2_base, sum_data):

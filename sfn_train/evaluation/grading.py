@@ -42,7 +42,7 @@ from collections import deque
 from pathlib import Path
 
 from ..errors import SfnError
-from .tasks import iter_jsonl
+from ..jsonl import iter_jsonl
 
 DEFAULT_GRADER = "sfn_train.evaluation.grading:grade_item"
 DEFAULT_TIMEOUT_S = 30.0

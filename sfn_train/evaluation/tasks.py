@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SfnError
+from ..jsonl import iter_jsonl
 
 ANSWER_TYPES = ("math", "choice", "exact")
 
@@ -207,25 +208,6 @@ _register_packaged_tasks()
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
-
-
-def iter_jsonl(path: str | os.PathLike, required: tuple[str, ...], what: str, expected: str):
-    """(line number, row) for each non-blank line of a JSONL file, with one-line errors naming the file and line
-    of a row that is not a JSON object holding the `required` fields. Shared by task files and `sfn grade` input."""
-    path = Path(path)
-    if not path.is_file():
-        raise SfnError(f"{what} {path} does not exist; pass {expected}.")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SfnError(f"{path}:{lineno} is not valid JSON ({exc.msg}); write one JSON object a line.") from None
-            if not isinstance(row, dict) or any(k not in row for k in required):
-                raise SfnError(f"{path}:{lineno} needs the fields {' and '.join(repr(k) for k in required)}.")
-            yield lineno, row
 
 
 def read_problems(path: str | os.PathLike, answer_type: str | None = None) -> list[dict]:
