@@ -25,10 +25,11 @@ def live_bytes(*groups, by_dtype: dict | None = None) -> int:
                 continue
             try:
                 storage = t.untyped_storage()
+                pointer = storage.data_ptr()
             except (RuntimeError, NotImplementedError):  # wrapper subclasses (DTensor): their local tensor counts
                 continue
-            if storage.data_ptr() and storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
+            if pointer and pointer not in seen:
+                seen.add(pointer)
                 total += storage.nbytes()
                 if by_dtype is not None:
                     key = str(t.dtype).replace("torch.", "")
