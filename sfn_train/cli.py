@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("sfn_train.evaluation.cli", "eval_main", "generate and grade checkpoints on tasks"),
     "compare": ("sfn_train.evaluation.cli", "compare_main", "compare eval results against a baseline"),
     "grade": ("sfn_train.evaluation.cli", "grade_main", "grade responses made elsewhere"),
-    "lab": ("sfn_train.lab.pipeline", "cli_main", "the built-in SfN study at small scale, end to end on CPU"),
+    "lab": ("sfn_train.lab.cli", "cli_main", "the built-in SfN study at small scale, end to end on CPU"),
     "study": ("sfn_train.study", "cli_main", "the SfN workflow on real checkpoints from one YAML (cached stages, --plan)"),
 }
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from helpers import REPO
 
-LAYERS = {"gadgets": 1, "evaluation": 1, "lab": 2, "study": 2}  # sub-package -> layer; the top-level modules are layer 0
+LAYERS = {"gadgets": 1, "evaluation": 1, "study": 2, "lab": 3}  # sub-package -> layer; top-level modules are layer 0
+# (the lab runs the study machinery: `sfn lab --seeds` is a shipped study over the lab's data and base)
 
 # Edges allowed to break the rules: none. The evaluation finds the packaged task files by path (never by importing the
 # lab), and the lab report reads a plain record of the run (`lab_run.json`) instead of the pipeline. An edge added here must
