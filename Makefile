@@ -1,12 +1,13 @@
 # make install : .venv with everything (CPU torch 2.13.0 here; on a node with an NVIDIA driver, the CUDA torch pip finds),
 #                every other package at the tested version in constraints.txt (docs/reproducibility.md)
 #                newer versions: make install VENV=.venv-new CONSTRAINTS=   (pyproject.toml's lower bounds only)
-# make test    : the test suite (what .ci/run calls)
+# make test    : the test suite (what .ci/run calls) in 2 pytest-xdist workers (WORKERS=N), one test file per worker
 # make demo    : the built-in SfN lab end to end on CPU (installs first if needed)
 PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 CONSTRAINTS ?= constraints.txt
+WORKERS ?= 2
 PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
 .PHONY: install test test-fast demo clean
@@ -32,10 +33,10 @@ test: export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 test-fast: export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 test: install
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 test-fast: install
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(VENV)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow"
 
 demo: install
 	$(VENV)/bin/sfn lab
