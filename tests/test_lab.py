@@ -181,7 +181,7 @@ def test_tiny_lab_scale_stage_compares_sizes_from_their_own_labs(tiny_lab_root, 
 
     from sfn_train.evaluation import load_result
     from sfn_train.lab import pipeline
-    from sfn_train.lab.report import per_problem
+    from sfn_train.evaluation.tables import per_problem
 
     monkeypatch.setitem(pipeline.SIZES, "tiny_wide", replace(pipeline.SIZES["tiny"], hidden=96))
     report = pipeline.Lab(tiny_lab_root, size="tiny", seed=3).run(scale=["tiny", "tiny_wide"])

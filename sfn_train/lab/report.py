@@ -20,7 +20,6 @@ from ..evaluation.tables import fmt_test as _fmt_test
 from ..evaluation.tables import level_shares as _levels
 from ..evaluation.tables import majority_level as _majority_level
 from ..evaluation.tables import paired_test as _test
-from ..evaluation.tables import per_problem
 from ..manifest import MANIFEST_FILE
 
 ALPHA = 0.05
@@ -459,7 +458,7 @@ def _findings(results: dict, onestep: dict, destroy: dict, delta_ranking: list[s
     merges = {m: acc[m] for m in run["merges"]}
     best = max(merges, key=merges.get)
     t_m1 = _test(results["m1_oproj"], a, seed)
-    out.append(f"Merges of B's modules into A: " + ", ".join(f"{run['merges'][m]} {v:.3f}" for m, v in merges.items())
+    out.append("Merges of B's modules into A: " + ", ".join(f"{run['merges'][m]} {v:.3f}" for m, v in merges.items())
                + f" (A {acc['A']:.3f}); the best is {best}. "
                + ("M1 (o_proj) significantly improves on A, as the paper found at 1.5B."
                   if t_m1["p_value"] < ALPHA and t_m1["delta"] > 0 else

@@ -44,7 +44,6 @@ def per_rank(trace, engine: str, world: int, ds_config: dict | None = None, hidd
         return _plain(trace, world)
     zero = (ds_config or {}).get("zero_optimization", {})
     p = trace.params
-    n_t = p["trained_numel"]
     dyn, row = _max_dynamic(trace)
     step_peak = max(r[CATEGORIES.index("optimizer_step")] for r in trace.series) // world
     if engine in ("zero2", "zero3"):
