@@ -39,7 +39,7 @@ test-fast: install
 	$(VENV)/bin/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow"
 
 demo: install
-	$(VENV)/bin/sfn lab
+	$(VENV)/bin/sfn lab --seeds 3
 
 clean:
 	rm -rf $(VENV) lab runs

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -55,6 +56,7 @@ class Stage:
     clear: bool = True  # False: the folder is written by a launch outside the stage, which `build` only records
     commands: list[str] = field(default_factory=list)  # what a cluster user would launch for it (`--plan`)
     notes: list[str] = field(default_factory=list)
+    concurrent: bool = False  # may run beside other concurrent stages (`jobs` > 1): a subprocess writing its folder
 
 
 class StageRunner:
@@ -105,31 +107,87 @@ class StageRunner:
         return None
 
     # -- running -----------------------------------------------------------------------------------------------------
-    def run(self, names: list[str] | None = None, *, check_upstream: bool = False) -> dict:
+    def run(self, names: list[str] | None = None, *, check_upstream: bool = False, jobs: int = 1) -> dict:
         """Run `names` (default all) in pipeline order; with `check_upstream`, a stage whose upstream is not done
-        fails in one line naming it (a job array runs one stage per job, so nothing upstream is run implicitly)."""
+        fails in one line naming it (a job array runs one stage per job, so nothing upstream is run implicitly).
+        With `jobs` > 1, consecutive concurrent stages (training subprocesses) that do not need each other run up to
+        `jobs` at a time, the next starting as one ends; every other stage runs alone, in order."""
         names = [n for n in self.order if names is None or n in names]
         started = time.perf_counter()
-        for i, name in enumerate(names, 1):
-            stage = self.stages[name]
-            head = f"[{self.prefix} {i}/{len(names)} | {clock(time.perf_counter() - started)}] {name} ({stage.what})"
-            missing = self.missing_upstream(name)
-            if missing is not None:
-                if check_upstream:
-                    raise SfnError(f"stage {name} needs stage {missing}, which has not finished: run it first "
-                                   f"(`--stage {missing}`), or run the study without --stage.")
-                raise SfnError(f"stage {name} cannot start: stage {missing} did not finish.")  # order bug
-            if self.is_done(name):
-                self.cached.append(name)
-                self.log(f"{head}: done before, skipped")
-                continue
-            self.log(f"{head}: running, {len(names) - i} after it")
-            self._build(stage)
-            self.ran.append(name)
-            self.log(f"{head}: finished in {self.marker(name)['seconds']:.1f} s")
+        i = 0
+        while i < len(names):
+            group = self._group(names, i, jobs)
+            heads = {name: f"[{self.prefix} {i + k}/{len(names)} | {{clock}}] {name} ({self.stages[name].what})"
+                     for k, name in enumerate(group, 1)}
+            todo = [name for name in group if not self._skip(name, heads[name], check_upstream, started)]
+
+            def build(name: str) -> None:
+                head = heads[name].replace("{clock}", clock(time.perf_counter() - started))
+                self.log(f"{head}: running, {len(names) - names.index(name) - 1} after it"
+                         + (f" (up to {jobs} at once)" if len(todo) > 1 else ""))
+                self._build(self.stages[name])
+                self.log(f"{head}: finished in {self.marker(name)['seconds']:.1f} s")
+
+            self._build_all(todo, build, jobs)
+            self.ran += todo
+            i += len(group)
         self.log(f"[{self.prefix}] {len(self.ran)} stage(s) ran, {len(self.cached)} were done before; "
                  f"{clock(time.perf_counter() - started)} in all")
         return {"ran": list(self.ran), "cached": list(self.cached)}
+
+    def _group(self, names: list[str], i: int, jobs: int) -> list[str]:
+        """names[i] alone, or with the concurrent stages right after it that need none of the group (`jobs` > 1)."""
+        group = [names[i]]
+        while (jobs > 1 and i + len(group) < len(names)
+               and all(self.stages[n].concurrent for n in (group[0], names[i + len(group)]))
+               and not set(self.stages[names[i + len(group)]].needs) & set(group)):
+            group.append(names[i + len(group)])
+        return group
+
+    def _skip(self, name: str, head: str, check_upstream: bool, started: float) -> bool:
+        """True when stage `name` is done (said in its progress line); fails in one line when its upstream is not."""
+        missing = self.missing_upstream(name)
+        if missing is not None:
+            if check_upstream:
+                raise SfnError(f"stage {name} needs stage {missing}, which has not finished: run it first "
+                               f"(`--stage {missing}`), or run the study without --stage.")
+            raise SfnError(f"stage {name} cannot start: stage {missing} did not finish.")  # order bug
+        if self.is_done(name):
+            self.cached.append(name)
+            self.log(f"{head.replace('{clock}', clock(time.perf_counter() - started))}: done before, skipped")
+            return True
+        self.key(name)  # inputs (fingerprints) computed here, once, before any thread starts
+        return False
+
+    @staticmethod
+    def _build_all(names: list[str], build: Callable[[str], None], jobs: int) -> None:
+        """build(name) for each, up to `jobs` at once (threads, each waiting on its subprocess) when there are
+        several; the first failure is raised after every started one has ended, each finished one keeping its marker,
+        and none starts after a failure."""
+        if len(names) <= 1 or jobs <= 1:
+            for name in names:
+                build(name)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .subprocess_run import stopping_children_on_interrupt
+
+        failed = threading.Event()
+
+        def guarded(name: str) -> None:
+            if not failed.is_set():
+                try:
+                    build(name)
+                except BaseException:
+                    failed.set()
+                    raise
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool, stopping_children_on_interrupt():
+            futures = [pool.submit(guarded, name) for name in names]
+            errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
 
     def _build(self, stage: Stage) -> None:
         key = self.key(stage.name)

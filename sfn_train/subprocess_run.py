@@ -27,6 +27,8 @@ from .manifest import MANIFEST_FILE
 
 QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 GRACE_S = 30.0
+_LIVE: set[subprocess.Popen] = set()  # children started by run_command that have not been reaped
+_LIVE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -50,27 +52,58 @@ def run_command(command: list[str], *, env: dict | None = None, log_file: str | 
     try:
         proc = subprocess.Popen(command, env=environment, stdout=handle,
                                 stderr=subprocess.STDOUT if handle else None)
-        previous = None
-        if threading.current_thread() is threading.main_thread():  # SIGTERM to the caller: handled as SIGINT is
-            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:  # Ctrl-C, kill -INT/-TERM or an error here: the child must not train on unobserved
-            stop(proc)
-            raise
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
+    except BaseException:
         if handle is not None:
             handle.close()
+        raise
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM to the caller: handled as SIGINT is
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # Ctrl-C, kill -INT/-TERM or an error here: the child must not train on unobserved
+        stop(proc)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
+        if handle is not None:
+            handle.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
     return RunResult(proc.returncode, time.perf_counter() - started, usage.ru_utime + usage.ru_stime,
                      usage.ru_maxrss / 1024)
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def stopping_children_on_interrupt():
+    """For callers that wait on run_command from worker threads (`sfn study --jobs`): SIGTERM to this process is
+    handled as SIGINT is, and an interruption (or any exception) while inside stops every live child as `stop` does,
+    before it goes on."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    except BaseException:
+        with _LIVE_LOCK:
+            children = list(_LIVE)
+        stoppers = [threading.Thread(target=stop, args=(proc,)) for proc in children]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def stop(proc: subprocess.Popen, grace_s: float = GRACE_S) -> None:

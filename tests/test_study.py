@@ -497,6 +497,63 @@ def test_stage_runner_redoes_changed_and_half_done_stages_only(tmp_path):
     assert (tmp_path / "a" / "done.txt").read_text() == "3"
 
 
+def test_stage_runner_jobs_run_concurrent_stages_together_and_the_rest_alone(tmp_path):
+    """`--jobs 2`: two trainings that need nothing of each other run at once (a barrier only both can pass), a stage
+    that is not concurrent runs alone after them; a failed one leaves the other's marker, and a rerun redoes it alone."""
+    import threading
+
+    from sfn_train.stages import Stage, StageRunner
+
+    together = threading.Barrier(2, timeout=10)
+    running, fail = [], {"t2"}
+
+    def train(name):
+        def build():
+            running.append(name)
+            together.wait()  # BrokenBarrierError (after 10 s) when the other training is not running beside this one
+            if name in fail:
+                raise RuntimeError(f"{name} failed")
+        return build
+
+    def runner(jobs):
+        stages = [Stage(f"train:{n}", "train", n, [], dict, train(n), concurrent=True) for n in ("t1", "t2")]
+        stages.append(Stage("eval", "eval", "e", ["train:t1", "train:t2"], dict,
+                            lambda: running.append("eval")))
+        return StageRunner(stages, tmp_path / "stages", log=lambda _: None).run(jobs=jobs)
+
+    with pytest.raises(RuntimeError, match="t2 failed"):
+        runner(2)
+    assert sorted(running) == ["t1", "t2"] and (tmp_path / "stages" / "train__t1.json").exists()
+    assert not (tmp_path / "stages" / "train__t2.json").exists()
+    fail.clear()
+    together = threading.Barrier(1)  # the rerun has only t2 left to train
+    assert runner(2) == {"ran": ["train:t2", "eval"], "cached": ["train:t1"]} and running[-2:] == ["t2", "eval"]
+
+
+def test_interrupting_the_caller_stops_every_training_it_waits_on(tmp_path):
+    """`kill -INT` to `sfn study --jobs 2` alone (not its process group): both training children are stopped."""
+    import threading
+    import time
+
+    from sfn_train.subprocess_run import run_command, stopping_children_on_interrupt
+
+    child = [sys.executable, "-c", "import time, pathlib, sys; pathlib.Path(sys.argv[1]).touch(); time.sleep(120)"]
+    results = []
+    threads = [threading.Thread(target=lambda f=f: results.append(run_command([*child, str(f)])))
+               for f in (tmp_path / "one", tmp_path / "two")]
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt), stopping_children_on_interrupt():
+        for thread in threads:
+            thread.start()
+        while not ((tmp_path / "one").exists() and (tmp_path / "two").exists()):
+            time.sleep(0.05)
+        raise KeyboardInterrupt  # as SIGINT to this process alone would
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(results) == 2 and all(r.exit_code != 0 for r in results), results
+    assert time.perf_counter() - started < 30  # stopped by SIGINT, not left to sleep or waited out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Findings chosen by the numbers
 

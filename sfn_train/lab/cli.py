@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..arguments import ArgumentParser
@@ -27,6 +28,9 @@ def cli_main(argv: list[str]) -> int:
                         "--seed+2) or a list (42,43,44); data and base are built once (at --seed), each fine-tune "
                         "trains once per seed for 6 epochs, and lab/study/report.md compares the variants over seeds "
                         "and problems (o_proj vs full; its measured time and CPU time are in docs/lab.md)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="with --seeds: fine-tunes trained at once, one torch thread each (default: 2, or 1 on a "
+                        "one-core machine)")
     parser.add_argument("--full", action="store_true", help="with --seeds: every fine-tune variant, the merges and "
                         "the destruction grid (recipes/studies/lab_full.yaml) instead of o_proj vs full")
     ns = parser.parse_args(argv)
@@ -54,5 +58,5 @@ def _seeds_main(ns) -> int:
             raise SfnError(f"{flag} belongs to the single-seed lab; leave it out with --seeds (the study over seeds "
                            "trains each variant at its recipe's rate).")
     run_lab_study(ns.root, ns.size, ns.seed, parse_seeds(ns.seeds, ns.seed), ns.full,
-                  log=lambda line: print(line, flush=True))  # its last line names the report
+                  log=lambda line: print(line, flush=True), jobs=ns.jobs)  # its last line names the report
     return 0

@@ -60,7 +60,7 @@ def write_lab_study(lab: Lab, seeds: list[int], full: bool) -> Path:
 
 
 def run_lab_study(root="lab", size: str = "small", seed: int = 42, seeds: list[int] | None = None,
-                  full: bool = False, log=print) -> Path:
+                  full: bool = False, log=print, jobs: int = 1) -> Path:
     """Python API of `sfn lab --seeds`: data and base once, then the lab study over `seeds`; returns the report."""
     from ..study import run_study
 
@@ -70,7 +70,7 @@ def run_lab_study(root="lab", size: str = "small", seed: int = 42, seeds: list[i
     lab.run(["base"])
     study = write_lab_study(lab, seeds or [seed], full)
     with _environment(TRAIN_ENV):  # the training subprocesses: one thread each, as the lab's own runs
-        result = run_study(study, log=log)
+        result = run_study(study, log=log, jobs=jobs)
     return Path(result["out"]) / "report.md"
 
 

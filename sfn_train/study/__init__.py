@@ -23,11 +23,12 @@ from .schema import Study, load_study, schema_help
 __all__ = ["Study", "load_study", "run_study", "plan_text", "cli_main"]
 
 
-def run_study(study_file, *, out=None, stage: str | None = None, log=print) -> dict:
-    """Python API of `sfn study`: run the study (or one stage); return {"ran": [...], "cached": [...], "out": path}."""
+def run_study(study_file, *, out=None, stage: str | None = None, log=print, jobs: int = 1) -> dict:
+    """Python API of `sfn study`: run the study (or one stage), with up to `jobs` trainings at once; return
+    {"ran": [...], "cached": [...], "out": path}."""
     from .pipeline import StudyPipeline
 
-    pipe = StudyPipeline(load_study(study_file), study_file, out, log=log)
+    pipe = StudyPipeline(load_study(study_file), study_file, out, log=log, jobs=jobs)
     result = pipe.run(stage)
     if (pipe.out / "report.md").exists() and "report" in result["ran"] + result["cached"]:
         log(f"report: {pipe.out / 'report.md'}")
@@ -97,6 +98,9 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--stage", help="run one stage (e.g. train:oproj, eval:m1_oproj, report) or every stage of "
                         "a kind (train, merge, destroy, delta, gadgets, eval, report)")
     parser.add_argument("--out", help="output folder (default: the study's `out`)")
+    parser.add_argument("--jobs", type=int, default=1, help="training stages run at once on this machine, each in "
+                        "its own process with its output in <out>/logs (default 1; CPU only: GPU trainings would "
+                        "share the GPUs). The lab uses 2 (one torch thread each on 2 cores)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="--plan: memory of one GPU in GiB, to flag a "
                         "training stage whose predicted peak does not fit (default 80)")
     parser.add_argument("--no-memory", action="store_true", help="--plan: skip the memory predictions (each costs "
@@ -107,7 +111,7 @@ def cli_main(argv: list[str]) -> int:
             raise SfnError("--plan prints every stage; leave out --stage.")
         print(plan_text(a.study, a.out, gpu_memory_gib=a.gpu_memory, memory=not a.no_memory))
         return 0
-    run_study(a.study, out=a.out, stage=a.stage, log=lambda line: print(line, flush=True))
+    run_study(a.study, out=a.out, stage=a.stage, log=lambda line: print(line, flush=True), jobs=a.jobs)
     return 0
 
 

@@ -29,11 +29,12 @@ MARKERS = "stages"
 
 class StudyPipeline:
     def __init__(self, study: Study, study_file: str | os.PathLike, out: str | os.PathLike | None = None,
-                 log=print):
+                 log=print, jobs: int = 1):
         self.study = study
+        self.jobs = jobs  # training stages run at once on this machine (`sfn study --jobs`)
         self.study_file = Path(study_file)
         self.out = Path(out or study.out)
-        self.log = log
+        self.log = _one_line_at_a_time(log)  # trainings side by side (`jobs`) log from their threads
         from .evalopts import parse_eval_options
 
         self.eval_ns = parse_eval_options(study.eval, study.tasks)
@@ -217,14 +218,16 @@ class StudyPipeline:
             command, note, _ = self._local_launch(name)
             if note:
                 self.log(f"note: {note}")
-            return run_training(command, folder, name)
+            log_file = self.out / "logs" / f"train_{name}.log" if self.jobs > 1 else None  # side by side: a file each
+            return run_training(command, folder, name, log_file)
 
         notes = self.recipe_notes(name)
         if multinode:
             notes.append(f"multi-node: start `runs:` on each of the {f.nnodes} nodes (RANK 0..{f.nnodes - 1}, MASTER = "
                          "node 0's address), then the `--stage` line records the finished run")
         return Stage(f"train:{name}", "train", f"fine-tune {name} from A", [], inputs, build, folder,
-                     clear=not multinode, commands=[shell_join(self.train_launch(name))], notes=notes)
+                     clear=not multinode, commands=[shell_join(self.train_launch(name))], notes=notes,
+                     concurrent=not multinode)
 
     # gadgets
     def _merge_stage(self, name: str) -> Stage:
@@ -371,8 +374,30 @@ class StudyPipeline:
                        f"(or a kind: {', '.join(KINDS)}, gadgets).")
 
     def run(self, stage: str | None = None) -> dict:
+        import torch
+
+        if self.jobs < 1:
+            raise SfnError(f"--jobs {self.jobs}: the number of trainings at once must be at least 1.")
+        if self.jobs > 1 and torch.cuda.is_available():
+            raise SfnError(f"--jobs {self.jobs} runs trainings side by side, which would share this machine's GPUs: "
+                           "use --jobs 1 here, or one node per training stage with --stage (see --plan).")
         self.out.mkdir(parents=True, exist_ok=True)
-        return self.runner.run(self.select(stage), check_upstream=stage is not None)
+        if self.jobs > 1:
+            (self.out / "logs").mkdir(exist_ok=True)
+            self.log(f"up to {self.jobs} trainings at once; their output goes to {self.out / 'logs'}/train_<name>.log")
+        return self.runner.run(self.select(stage), check_upstream=stage is not None, jobs=self.jobs)
+
+
+def _one_line_at_a_time(log):
+    import threading
+
+    lock = threading.Lock()
+
+    def locked(line: str) -> None:
+        with lock:
+            log(line)
+
+    return locked
 
 
 def shell_join(tokens: list[str]) -> str:
@@ -419,15 +444,16 @@ def launcher_of(accelerate_config: str) -> str:
             "--num_processes/--num_machines from the study win over the file's")
 
 
-def run_training(command: list[str], folder: Path, name: str) -> dict:
-    """Run one training command; return its wall time and peak memory (the largest process's RSS, and the GPU
-    peak the run recorded), or fail in one line if it did not finish."""
+def run_training(command: list[str], folder: Path, name: str, log_file: Path | None = None) -> dict:
+    """Run one training command (its output to `log_file` when given, else to ours); return its wall time and peak
+    memory (the largest process's RSS, and the GPU peak the run recorded), or fail in one line if it did not finish."""
     from ..subprocess_run import complete_manifest, run_command, shown
 
-    result = run_command(command)
+    result = run_command(command, log_file=log_file)
     if result.exit_code != 0:
-        raise SfnError(f"training fine-tune {name} failed (exit {result.exit_code}); its output is above. Fix it and "
-                       "rerun the study: finished stages are kept.")
+        where = "above" if log_file is None else f"in {log_file}"
+        raise SfnError(f"training fine-tune {name} failed (exit {result.exit_code}); its output is {where}. Fix it "
+                       "and rerun the study: finished stages are kept.")
     if complete_manifest(folder) is None:
         raise SfnError(f"training fine-tune {name} exited without a complete manifest in {folder}; rerun the study.")
     return {"wall_s": result.wall_s, "cpu_s": result.cpu_s, "peak_rss_mb": result.peak_rss_mb,
