@@ -3,11 +3,12 @@
     .venv/bin/python bench/checkpoint_size.py                                  # tiny (64 wide, 4 layers) and 512x8
     .venv/bin/python bench/checkpoint_size.py --sizes 1024x16 --saves 5
     .venv/bin/python bench/checkpoint_size.py --processes 2 --deepspeed ds_configs/zero2.json
+    .venv/bin/python bench/checkpoint_size.py --processes 2 --fsdp2
 
 For each model size (HIDDENxLAYERS of a Qwen2 config, vocabulary 32,000 except the tiny one, fp32 on CPU) it trains
 o_proj for `--saves` checkpoints (one every step) and reports, as medians over the checkpoints: the folder's bytes, the
-bytes of model weights in it (model.safetensors and the DeepSpeed model states), and the seconds the Trainer spent in
-`_save_checkpoint` (timed around the call in the main process). One JSON line per size.
+bytes of model weights in it (model.safetensors, the DeepSpeed model states, FSDP's `pytorch_model_fsdp_0/`), and the
+seconds the Trainer spent in `_save_checkpoint` (timed around the call in the main process). One JSON line per size.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def folder_bytes(folder: Path) -> tuple[int, int]:
-    """(all bytes, bytes of model weights: model*.safetensors and DeepSpeed *model_states.pt)."""
+    """(all bytes, bytes of model weights: model*.safetensors, DeepSpeed *model_states.pt, FSDP's model folder)."""
     total = weights = 0
     for path in folder.rglob("*"):
         if path.is_file():
             size = path.stat().st_size
             total += size
-            if path.name.startswith("model") and path.suffix == ".safetensors" or path.name.endswith("model_states.pt"):
+            if (path.name.startswith("model") and path.suffix == ".safetensors"
+                    or path.name.endswith("model_states.pt") or path.parent.name.startswith("pytorch_model_fsdp")):
                 weights += size
     return total, weights
 
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=5)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--deepspeed", default=None)
+    parser.add_argument("--fsdp2", action="store_true", help="FSDP2 (ds_configs/fsdp2.json); needs --processes")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--times", help=argparse.SUPPRESS)
@@ -93,10 +96,12 @@ def main() -> None:
             params = sum(p.numel() for p in model.parameters())
             del model
             data = write_jsonl(tmp / "rows.jsonl", sft_rows(generate(64, (2, 3), seed=0), "reasoning"))
+            engine = ({"deepspeed": args.deepspeed} if args.deepspeed else
+                      {"fsdp": True, "fsdp_config": str(REPO / "ds_configs" / "fsdp2.json")} if args.fsdp2 else {})
             recipe = dict(model_name_or_path=str(tmp / "base"), dataset_name=str(data), output_dir=str(tmp / "out"),
                           max_steps=args.saves, save_strategy="steps", save_steps=1, per_device_train_batch_size=4,
                           learning_rate=1e-3, report_to="none", logging_steps=1000, disable_tqdm=True,
-                          max_length=256, memory_plan=False, **({"deepspeed": args.deepspeed} if args.deepspeed else {}))
+                          max_length=256, memory_plan=False, **engine)
             (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--recipe", str(tmp / "recipe.yaml"),
                    "--times", str(tmp / "times.json")]
@@ -112,7 +117,7 @@ def main() -> None:
             times = json.loads((tmp / "times.json").read_text())
             print(json.dumps({
                 "model": f"qwen2 {hidden}x{layers}, {params / 1e6:.1f}M params, fp32", "processes": args.processes,
-                "deepspeed": args.deepspeed, "checkpoints": len(folders),
+                "deepspeed": args.deepspeed, "fsdp2": args.fsdp2, "checkpoints": len(folders),
                 "checkpoint_mb": round(statistics.median(s[0] for s in sizes) / 1e6, 2),
                 "weights_mb": round(statistics.median(s[1] for s in sizes) / 1e6, 2),
                 "final_output_mb": round(sum(p.stat().st_size for p in (tmp / "out").iterdir() if p.is_file()) / 1e6, 2),

@@ -111,8 +111,9 @@ def problems(folder: str | Path, world_size: int = 1) -> list[str]:
         found.append("trainer_state.json is unreadable")
     fsdp = [p for p in folder.glob("pytorch_model_fsdp*")]
     if fsdp:  # FSDP: the Trainer's own model and optimizer files; model.safetensors only with FULL_STATE_DICT
-        found += _fsdp_problems(folder, world_size)
-        if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
+        found += _fsdp_problems(folder, world_size)  # a partial one's model folder holds the trained tensors only
+        if ((folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists()
+                or (folder / "sfn_checkpoint.json").exists()):
             found += _weights_problems(folder)
     else:
         found += _weights_problems(folder)

@@ -405,13 +405,36 @@ def run_and_kill(command: list[str], env: dict, marker: Path, timeout: int = 600
         proc.wait()
 
 
+def check_partial_fsdp2_checkpoint(checkpoint: Path, base: Path) -> None:
+    """An FSDP2 checkpoint of an o_proj run holds the trained tensors only, as fp32 shards of each rank (a DCP
+    folder), with the training state and the record of the base (sfn_train/partial_checkpoints.py)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    files = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()}
+    assert files == {"sfn_checkpoint.json", "trainer_state.json", "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth",
+                     *(f"{d}/{f}" for d in ("pytorch_model_fsdp_0", "optimizer_0")
+                       for f in (".metadata", "__0_0.distcp", "__1_0.distcp"))}, files  # no model.safetensors
+    stored = FileSystemReader(str(checkpoint / "pytorch_model_fsdp_0")).read_metadata().state_dict_metadata
+    assert set(stored) == {f"model.{name}" for name in O_PROJ}  # nothing frozen
+    assert {str(stored[f"model.{name}"].properties.dtype) for name in O_PROJ} == {"torch.float32"}  # the masters
+    trained_bytes = sum(4 * t.numel() for name, t in load_tensors(base).items() if name in O_PROJ)
+    shards = sum(p.stat().st_size for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))
+    frozen_bytes = sum(t.nbytes for name, t in load_tensors(base).items() if name not in O_PROJ)
+    assert trained_bytes <= shards < trained_bytes + 16_384 < frozen_bytes, (shards, trained_bytes, frozen_bytes)
+    record = json.loads((checkpoint / "sfn_checkpoint.json").read_text())
+    assert record["engine"] == "fsdp2" and set(record["trained_tensors"]) == O_PROJ
+    assert record["base_fingerprint"] == json.loads((checkpoint.parent / "sfn_manifest.json").read_text())["base"][
+        "fingerprint"]
+
+
 @pytest.mark.slow
 def test_fsdp2_two_nodes_then_killed_and_resumed(tmp_path, bf16_base, sum_data):
     """FSDP2 on two CPU processes (gloo), bf16 base with `bf16: true`, as two one-process `torchrun --nnodes 2`
     launches: the model is really sharded (each rank holds part of every tensor as a DTensor), only o_proj gets
     gradients and optimizer state, frozen tensors stay bf16 and bitwise the base, the output is written once.
-    Then the same run as one 2-process launch, killed after its first checkpoint and resumed: the resumed process
-    runs only the remaining steps and ends bitwise where the uninterrupted run ended."""
+    Then the same run as one 2-process launch, killed after its first checkpoint and resumed: the checkpoint holds
+    only the trained tensors' shards, the resumed process rebuilds the rest from the base, runs only the remaining
+    steps and ends bitwise where the uninterrupted run ended."""
     reference = tmp_path / "two_nodes"
     recipe = train_recipe(tmp_path, bf16_base, sum_data, **{**FSDP2_RUN, "output_dir": str(reference / "out")})
     two_nodes(OBSERVED, recipe, clean_env(SFN_OBSERVE_DIR=str(reference / "observed")))
@@ -439,13 +462,14 @@ def test_fsdp2_two_nodes_then_killed_and_resumed(tmp_path, bf16_base, sum_data):
                "--config", str(recipe)]
     run_and_kill(command, clean_env(), killed / "out" / "checkpoint-2" / "trainer_state.json")
     assert json.loads((killed / "out" / "sfn_manifest.json").read_text())["status"] == "running"
-    assert (killed / "out" / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()  # sharded: a DCP file per rank
+    check_partial_fsdp2_checkpoint(killed / "out" / "checkpoint-2", bf16_base)
 
     resumed = write_recipe(killed / "resume.yaml", **{**yaml.safe_load(recipe.read_text()),
                                                       "resume_from_checkpoint": True})
     log = run([*command[:-1], str(resumed)], clean_env(SFN_OBSERVE_DIR=str(killed / "observed")))
     start = observed(killed / "observed")[0]["start_step"]
     assert start >= 2 and f"resume: from {killed / 'out' / f'checkpoint-{start}'}" in log
+    assert "trained tensors (FSDP2 shards) of checkpoint-" in log  # the base, then the checkpoint's shards
     assert all(r["steps"] == 6 - start for r in observed(killed / "observed"))  # only the remaining steps ran
     manifest = json.loads((killed / "out" / "sfn_manifest.json").read_text())
     assert manifest["status"] == "complete"

@@ -47,3 +47,12 @@ def test_checkpoint_holds_the_trained_tensors_and_resume_checks_the_base(tmp_pat
     assert main(["train", "--config", str(recipe)]) == 2
     line = one_line_error(capsys)
     assert "cannot resume from" in line and "fingerprint" in line and str(other) in line
+
+    # the same checkpoint under a recipe that trains every parameter (whole checkpoints): refused in one line
+    (tmp_path / "full" / "out").mkdir(parents=True)
+    shutil.copytree(checkpoint, tmp_path / "full" / "out" / "checkpoint-2")
+    recipe = train_recipe(tmp_path / "full", qwen2_base, sum_data, resume_from_checkpoint="true",
+                          trainable_modules=["all"], **{**save, "max_steps": 4})
+    assert main(["train", "--config", str(recipe)]) == 2
+    line = one_line_error(capsys)
+    assert "holds only the trained tensors" in line and "keeps whole checkpoints" in line

@@ -166,12 +166,25 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, qwen2_base, sum_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_killed_deepspeed_run_resumes_to_the_same_weights(tmp_path, qwen2_base, sum_data, zero):
-    """The engine's checkpoints hold no frozen tensors (sfn_train/partial_checkpoints.py); the resume is bitwise."""
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, qwen2_base, sum_data, engine):
+    """The checkpoints hold no frozen tensors (sfn_train/partial_checkpoints.py); the resume is bitwise, and every
+    frozen tensor is the base's."""
+    from safetensors import safe_open
+
+    from helpers import changed_tensors
+
+    deepspeed = {} if engine == "ddp" else {"deepspeed": str(REPO / "ds_configs" / f"{engine}.json")}
     kill_and_resume(tmp_path, qwen2_base, sum_data, 2, **{**KILL_KEYS, "max_steps": 30},
-                    per_device_train_batch_size=2, deepspeed=str(REPO / "ds_configs" / f"{zero}.json"))
-    states = list((tmp_path / "killed" / "out").glob("checkpoint-*/global_step*/*model_states.pt"))
+                    per_device_train_batch_size=2, **deepspeed)
+    out = tmp_path / "killed" / "out"
+    assert not list(out.glob("checkpoint-*/model.safetensors"))
+    assert changed_tensors(qwen2_base, out)[0] == O_PROJ
+    if engine == "ddp":  # DDP: the trained tensors, written once by rank 0
+        trained = list(out.glob("checkpoint-*/sfn_trained.safetensors"))
+        assert trained and all(set(safe_open(f, "pt").keys()) == O_PROJ for f in trained)
+        return
+    states = list(out.glob("checkpoint-*/global_step*/*model_states.pt"))
     frozen = "model.layers.0.self_attn.q_proj.weight"
     loaded = [torch.load(f, weights_only=False, map_location="cpu") for f in states]  # DeepSpeed's own format
     assert loaded and all(frozen not in s["module"] and not s.get("frozen_param_fragments") for s in loaded)
