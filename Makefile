@@ -2,7 +2,8 @@
 #                every other package at the tested version in constraints.txt (docs/reproducibility.md)
 #                newer versions: make install VENV=.venv-new CONSTRAINTS=   (pyproject.toml's lower bounds only)
 # make test    : the test suite (what .ci/run calls) in 2 pytest-xdist workers (WORKERS=N), one test file per worker
-# make demo    : the built-in SfN lab end to end on CPU (installs first if needed)
+# make demo    : the built-in lab on CPU: o_proj vs full fine-tuning over 3 training seeds (`sfn lab --seeds 3`;
+#                12 min here, installs first if needed; docs/lab.md)
 PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
