@@ -1,16 +1,20 @@
 """Checkpoints that hold only what changed: an o_proj run's checkpoint-N has the trained tensors and the training
 state, not the frozen weights; a resume rebuilds the model from the base it checks by fingerprint. (Bitwise resume
-under one process, ZeRO-2 and FSDP2 is tests/test_reliability.py's and tests/test_engines.py's kill-and-resume.)"""
+under one process, 2-process DDP, ZeRO-2/3 and FSDP2 is tests/test_reliability.py's and tests/test_engines.py's
+kill-and-resume; the latter also checks what an FSDP2 checkpoint holds.)"""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from types import SimpleNamespace
 
 import torch
 
 from helpers import load_tensors, one_line_error, train_recipe
 from sfn_train.cli import main
+from sfn_train.partial_checkpoints import partial_checkpoints
 
 O_PROJ = {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(4)}
 
@@ -56,3 +60,18 @@ def test_checkpoint_holds_the_trained_tensors_and_resume_checks_the_base(tmp_pat
     assert main(["train", "--config", str(recipe)]) == 2
     line = one_line_error(capsys)
     assert "holds only the trained tensors" in line and "keeps whole checkpoints" in line
+
+
+def test_which_runs_keep_whole_checkpoints(caplog):
+    """Partial checkpoints for any engine but FSDP1 (which says so in one line), unless every tensor trains or the
+    Trainer reloads the best checkpoint's whole model at the end."""
+    part = SimpleNamespace(trainable_params=1, total_params=3, trainable_tensors=["o"])
+    full = SimpleNamespace(trainable_params=3, total_params=3, trainable_tensors=["o", "q", "k"])
+    model_args, args = SimpleNamespace(model_name_or_path="base"), SimpleNamespace(load_best_model_at_end=False)
+    for engine in ("None", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"):
+        assert partial_checkpoints(part, model_args, args, "fp", engine).trained == ["o"], engine
+        assert partial_checkpoints(full, model_args, args, "fp", engine) is None, engine
+    assert partial_checkpoints(part, model_args, SimpleNamespace(load_best_model_at_end=True), "fp", "fsdp2") is None
+    with caplog.at_level(logging.INFO, logger="sfn_train"):
+        assert partial_checkpoints(part, model_args, args, "fp", "fsdp1") is None
+    assert "FSDP1 keeps whole checkpoints" in caplog.text
