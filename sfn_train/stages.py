@@ -159,11 +159,10 @@ class StageRunner:
         self.key(name)  # inputs (fingerprints) computed here, once, before any thread starts
         return False
 
-    @staticmethod
-    def _build_all(names: list[str], build: Callable[[str], None], jobs: int) -> None:
+    def _build_all(self, names: list[str], build: Callable[[str], None], jobs: int) -> None:
         """build(name) for each, up to `jobs` at once (threads, each waiting on its subprocess) when there are
-        several; the first failure is raised after every started one has ended, each finished one keeping its marker,
-        and none starts after a failure."""
+        several. After a failure or an interruption no further one starts; a failure is said when it happens and
+        raised after the running ones have ended (each finished one keeps its marker); an interruption stops them."""
         if len(names) <= 1 or jobs <= 1:
             for name in names:
                 build(name)
@@ -175,16 +174,27 @@ class StageRunner:
         failed = threading.Event()
 
         def guarded(name: str) -> None:
-            if not failed.is_set():
-                try:
-                    build(name)
-                except BaseException:
-                    failed.set()
-                    raise
+            if failed.is_set():
+                return
+            try:
+                build(name)
+            except Exception as error:
+                failed.set()
+                self.log(f"[{self.prefix}] {name} failed: {error} -- no further stage starts; waiting for those "
+                         "still running")
+                raise
 
-        with ThreadPoolExecutor(max_workers=jobs) as pool, stopping_children_on_interrupt():
-            futures = [pool.submit(guarded, name) for name in names]
-            errors = [f.exception() for f in futures]
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            with stopping_children_on_interrupt():
+                futures = [pool.submit(guarded, name) for name in names]
+                try:
+                    errors = [f.exception() for f in futures]
+                except BaseException:
+                    failed.set()  # before the children are stopped: no queued stage starts after them
+                    raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         for error in errors:
             if error is not None:
                 raise error

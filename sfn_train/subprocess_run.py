@@ -29,6 +29,7 @@ QUIET_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 GRACE_S = 30.0
 _LIVE: set[subprocess.Popen] = set()  # children started by run_command that have not been reaped
 _LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # set while stopping_children_on_interrupt stops them: no new child starts
 
 
 @dataclass
@@ -50,19 +51,25 @@ def run_command(command: list[str], *, env: dict | None = None, log_file: str | 
     started = time.perf_counter()
     handle = open(log_file, "w") if log_file is not None else None
     try:
-        proc = subprocess.Popen(command, env=environment, stdout=handle,
-                                stderr=subprocess.STDOUT if handle else None)
+        with _LIVE_LOCK:
+            if _STOPPING.is_set():
+                raise KeyboardInterrupt("stopping: no new training starts")
+            proc = subprocess.Popen(command, env=environment, stdout=handle,
+                                    stderr=subprocess.STDOUT if handle else None)
+            _LIVE.add(proc)
     except BaseException:
         if handle is not None:
             handle.close()
         raise
-    with _LIVE_LOCK:
-        _LIVE.add(proc)
     previous = None
     if threading.current_thread() is threading.main_thread():  # SIGTERM to the caller: handled as SIGINT is
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    except ChildProcessError:  # reaped by stop() from the thread stopping every child (`sfn study --jobs`)
+        usage = None
+        proc.returncode = proc.returncode if proc.returncode is not None else -signal.SIGINT
     except BaseException:  # Ctrl-C, kill -INT/-TERM or an error here: the child must not train on unobserved
         stop(proc)
         raise
@@ -73,9 +80,8 @@ def run_command(command: list[str], *, env: dict | None = None, log_file: str | 
             _LIVE.discard(proc)
         if handle is not None:
             handle.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return RunResult(proc.returncode, time.perf_counter() - started, usage.ru_utime + usage.ru_stime,
-                     usage.ru_maxrss / 1024)
+    cpu_s = usage.ru_utime + usage.ru_stime if usage else 0.0
+    return RunResult(proc.returncode, time.perf_counter() - started, cpu_s, usage.ru_maxrss / 1024 if usage else 0.0)
 
 
 def _raise_interrupt(signum, frame):
@@ -94,6 +100,7 @@ def stopping_children_on_interrupt():
         yield
     except BaseException:
         with _LIVE_LOCK:
+            _STOPPING.set()  # from here no new child starts, so the snapshot below is every child there will be
             children = list(_LIVE)
         stoppers = [threading.Thread(target=stop, args=(proc,)) for proc in children]
         for thread in stoppers:
@@ -102,6 +109,7 @@ def stopping_children_on_interrupt():
             thread.join()
         raise
     finally:
+        _STOPPING.clear()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -229,10 +229,13 @@ def test_tiny_lab_seeds_builds_data_and_base_once_and_trains_each_seed(tiny_lab_
     trained = []
     real = sfn_train.study.pipeline.run_training
     monkeypatch.setattr(sfn_train.study.pipeline, "run_training",
-                        lambda command, folder, name: trained.append(name) or real(command, folder, name))
+                        lambda command, folder, name, log_file: trained.append(name) or real(command, folder, name,
+                                                                                             log_file))
+    monkeypatch.setattr("sfn_train.lab.cli.default_jobs", lambda: 2)
     assert main(["lab", "--size", "tiny", "--seed", "3", "--root", str(root), "--seeds", "2"]) == 0
     assert base == {p: p.stat().st_mtime_ns for p in (root / "base").rglob("*")}
-    assert trained == ["full@3", "full@4", "oproj@3", "oproj@4"]
+    assert sorted(trained) == ["full@3", "full@4", "oproj@3", "oproj@4"]  # 2 at a time (--jobs): in either order
+    assert sorted(p.name for p in (root / "study" / "logs").iterdir()) == [f"train_{n}.log" for n in sorted(trained)]
     for name in trained:
         manifest = json.loads((root / "study" / "train" / name / "sfn_manifest.json").read_text())
         assert manifest["seed"] == int(name.split("@")[1])

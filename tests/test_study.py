@@ -530,28 +530,46 @@ def test_stage_runner_jobs_run_concurrent_stages_together_and_the_rest_alone(tmp
     assert runner(2) == {"ran": ["train:t2", "eval"], "cached": ["train:t1"]} and running[-2:] == ["t2", "eval"]
 
 
-def test_interrupting_the_caller_stops_every_training_it_waits_on(tmp_path):
-    """`kill -INT` to `sfn study --jobs 2` alone (not its process group): both training children are stopped."""
+def test_sigterm_to_the_study_stops_its_trainings_and_starts_no_more(tmp_path):
+    """`kill -TERM` to `sfn study --jobs 2` alone (not its process group) while two trainings run and a third waits:
+    the one still running is stopped, one that ends on its own meanwhile frees no slot (the third never starts), and
+    the study ends with the interruption."""
     import threading
     import time
 
-    from sfn_train.subprocess_run import run_command, stopping_children_on_interrupt
+    from sfn_train.stages import Stage, StageRunner
+    from sfn_train.subprocess_run import run_command
 
-    child = [sys.executable, "-c", "import time, pathlib, sys; pathlib.Path(sys.argv[1]).touch(); time.sleep(120)"]
-    results = []
-    threads = [threading.Thread(target=lambda f=f: results.append(run_command([*child, str(f)])))
-               for f in (tmp_path / "one", tmp_path / "two")]
+    results = {}
+
+    def train(name, seconds):  # the child marks that it started, then runs for `seconds`; fails unless it ends well
+        code = f"import time, pathlib; pathlib.Path({str(tmp_path / name)!r}).touch(); time.sleep({seconds})"
+
+        def build():
+            results[name] = run_command([sys.executable, "-c", code])
+            if results[name].exit_code != 0:
+                raise RuntimeError(f"{name} exited with {results[name].exit_code}")
+
+        return build
+
+    # b ends by itself 1.5 s in, inside the 2 s a child is given before SIGINT: its thread is then free for c
+    stages = [Stage(f"train:{n}", "train", n, [], dict, train(n, t), concurrent=True)
+              for n, t in (("a", 120), ("b", 1.5), ("c", 120))]
+    runner = StageRunner(stages, tmp_path / "stages", log=lambda _: None)
+
+    def terminate_once_both_run():
+        while not ((tmp_path / "a").exists() and (tmp_path / "b").exists()):
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_both_run, daemon=True).start()
     started = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt), stopping_children_on_interrupt():
-        for thread in threads:
-            thread.start()
-        while not ((tmp_path / "one").exists() and (tmp_path / "two").exists()):
-            time.sleep(0.05)
-        raise KeyboardInterrupt  # as SIGINT to this process alone would
-    for thread in threads:
-        thread.join(timeout=60)
-    assert len(results) == 2 and all(r.exit_code != 0 for r in results), results
-    assert time.perf_counter() - started < 30  # stopped by SIGINT, not left to sleep or waited out
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(jobs=2)
+    assert time.perf_counter() - started < 30  # a was stopped, not waited out (it sleeps 120 s), and c never ran
+    assert sorted(results) == ["a", "b"] and results["a"].exit_code != 0, results
+    assert not (tmp_path / "c").exists()
+    assert {p.name for p in (tmp_path / "stages").glob("*.json")} <= {"train__b.json"}  # only what finished
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -625,7 +643,8 @@ def test_study_seeds_train_per_seed_and_a_new_seed_trains_only_itself(inputs, tm
     trained = []
     real = sfn_train.study.pipeline.run_training
     monkeypatch.setattr(sfn_train.study.pipeline, "run_training",
-                        lambda command, folder, name: trained.append(name) or real(command, folder, name))
+                        lambda command, folder, name, log_file: trained.append(name) or real(command, folder, name,
+                                                                                             log_file))
 
     def per_seed(seeds):
         return [f"{kind}:{model}@{s}" for kind, model in (("train", "oproj"), ("merge", "m_oproj"),

@@ -30,16 +30,16 @@ def cli_main(argv: list[str]) -> int:
                         "trains once per seed for 6 epochs, and lab/study/report.md compares the variants over seeds "
                         "and problems (o_proj vs full). `make demo` runs --seeds 3: 11 min 55 s from an empty folder on a 2-core CPU "
                         "(docs/lab.md)")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="with --seeds: fine-tunes trained at once, one torch thread each (default: 2, or 1 on a "
-                        "one-core machine)")
+    parser.add_argument("--jobs", type=int, help="with --seeds: fine-tunes trained at once, one torch thread each, "
+                        "their output in <root>/study/logs (default 2 on a CPU-only machine with 2+ cores, else 1)")
     parser.add_argument("--full", action="store_true", help="with --seeds: every fine-tune variant, the merges and "
                         "the destruction grid (recipes/studies/lab_full.yaml) instead of o_proj vs full")
     ns = parser.parse_args(argv)
     if ns.seeds is not None:
         return _seeds_main(ns)
-    if ns.full:
-        raise SfnError("--full runs the lab as a study over seeds: add --seeds (e.g. --seeds 3).")
+    for flag, value in (("--full", ns.full), ("--jobs", ns.jobs is not None)):
+        if value:
+            raise SfnError(f"{flag} belongs to the lab as a study over seeds: add --seeds (e.g. --seeds 3).")
     scale = [s.strip() for s in ns.scale.split(",")] if ns.scale else None
     for size in scale or []:
         if size not in SIZES:
@@ -59,6 +59,15 @@ def _seeds_main(ns) -> int:
         if value:
             raise SfnError(f"{flag} belongs to the single-seed lab; leave it out with --seeds (the study over seeds "
                            "trains each variant at its recipe's rate).")
+    jobs = default_jobs() if ns.jobs is None else ns.jobs
     run_lab_study(ns.root, ns.size, ns.seed, parse_seeds(ns.seeds, ns.seed), ns.full,
-                  log=lambda line: print(line, flush=True), jobs=ns.jobs)  # its last line names the report
+                  log=lambda line: print(line, flush=True), jobs=jobs)  # its last line names the report
     return 0
+
+
+def default_jobs() -> int:
+    """Two trainings at once on a CPU-only machine with two or more cores (one torch thread each); one where GPUs
+    are (they would share them) or on one core."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)

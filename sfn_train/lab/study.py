@@ -66,6 +66,8 @@ def run_lab_study(root="lab", size: str = "small", seed: int = 42, seeds: list[i
 
     if size not in SIZES:
         raise SfnError(f"lab size {size!r} is unknown: use one of {', '.join(SIZES)}.")
+    if jobs < 1:
+        raise SfnError(f"--jobs {jobs}: the number of trainings at once must be at least 1.")
     lab = Lab(root, size, seed, log=log)
     lab.run(["base"])
     study = write_lab_study(lab, seeds or [seed], full)

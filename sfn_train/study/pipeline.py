@@ -218,7 +218,11 @@ class StudyPipeline:
             command, note, _ = self._local_launch(name)
             if note:
                 self.log(f"note: {note}")
-            log_file = self.out / "logs" / f"train_{name}.log" if self.jobs > 1 else None  # side by side: a file each
+            log_file = None
+            if self.jobs > 1:  # trainings side by side: each writes its own file
+                log_file = self.out / "logs" / f"train_{name}.log"
+                log_file.parent.mkdir(parents=True, exist_ok=True)
+                self.log(f"{name}: output in {log_file}")
             return run_training(command, folder, name, log_file)
 
         notes = self.recipe_notes(name)
@@ -380,11 +384,9 @@ class StudyPipeline:
             raise SfnError(f"--jobs {self.jobs}: the number of trainings at once must be at least 1.")
         if self.jobs > 1 and torch.cuda.is_available():
             raise SfnError(f"--jobs {self.jobs} runs trainings side by side, which would share this machine's GPUs: "
-                           "use --jobs 1 here, or one node per training stage with --stage (see --plan).")
+                           "use --jobs 1 here (sfn study or sfn lab), or give each training stage its own node with "
+                           "`sfn study --stage` (see --plan).")
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.jobs > 1:
-            (self.out / "logs").mkdir(exist_ok=True)
-            self.log(f"up to {self.jobs} trainings at once; their output goes to {self.out / 'logs'}/train_<name>.log")
         return self.runner.run(self.select(stage), check_upstream=stage is not None, jobs=self.jobs)
 
 
