@@ -394,7 +394,8 @@ def test_evaluate_writes_every_field(two_results, task_file):
     problems = [json.loads(line) for line in task_file.read_text().splitlines()]
     sha = hashlib.sha256(json.dumps(problems, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     assert r["task"] == {"name": "arith", "answer_type": "math", "template": math_template,
-                         "source": str(task_file), "revision": None, "n_problems": 3, "problems_sha256": sha}
+                         "source": str(task_file), "revision": None, "resolved_revision": None, "n_problems": 3,
+                         "problems_sha256": sha}
     s = r["settings"]
     assert (s["protocol"], s["protocol_changes"], s["prompts"]) == ("sampled", ["max_new_tokens", "samples"],
                                                                     "instruct")
@@ -645,23 +646,83 @@ def _fake_hub(monkeypatch, tmp_path, rows: list[dict], calls: list, error: Excep
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
 
 
-def test_builtin_task_loads_the_revision_asked_for_and_records_it(tmp_path, monkeypatch):
+def test_builtin_task_loads_the_revision_asked_for_and_records_it(tmp_path, monkeypatch, capsys):
     """s1's AIME copy at a pinned revision: the revision reaches `load_dataset`, the result records it with a hash
-    of the problems; a copy without the benchmark's 30 problems is refused."""
+    of the problems; a copy whose commit cannot be told records null and says so in one line; a copy without the
+    benchmark's 30 problems is refused."""
     from sfn_train.evaluation.tasks import load_task
 
     rows = [{"problem": f"p{i}", "answer": i, "solution": "s", "url": "u"} for i in range(30)]
     calls: list = []
-    _fake_hub(monkeypatch, tmp_path, rows, calls)
+    _fake_hub(monkeypatch, tmp_path, rows, calls)  # a local JSON copy: its cache folder names no commit
     task = load_task("aime24_nofigures", revisions={"aime24_nofigures": "0123abc"}, bare=True)
     assert calls == [("simplescaling/aime24_nofigures", (), {"split": "train", "revision": "0123abc"})]
     described = task.describe()
-    assert (described["revision"], described["n_problems"], described["source"]) == (
-        "0123abc", 30, "hub:simplescaling/aime24_nofigures")
+    assert (described["revision"], described["resolved_revision"], described["n_problems"], described["source"]) == (
+        "0123abc", None, 30, "hub:simplescaling/aime24_nofigures")
     assert len(described["problems_sha256"]) == 64 and task.prompt(task.problems[3]) == "p3"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "warning: task 'aime24_nofigures': the hub commit of simplescaling/aime24_nofigures at 0123abc could not be "
+        "told (datasets kept no cached copy naming it), so its result records resolved_revision null; pin a commit "
+        "with --task-revision aime24_nofigures=SHA.")
     _fake_hub(monkeypatch, tmp_path, rows[:29], calls)
     with pytest.raises(SfnError, match="gave 29 problems, not the benchmark's 30; pass --task-revision"):
         load_task("aime24_nofigures")
+
+
+def _cached_hub_copy(monkeypatch, tmp_path, repo: str, rows: list[dict], commit: str) -> None:
+    """Serve `repo` through the real `datasets.load_dataset` from a cache laid out as datasets lays out a hub copy it
+    resolved to `commit` (`<cache>/<ns>___<name>/<config>/<version>/<commit>/`), read back as datasets does when it
+    cannot reach the hub: the newest cached copy, whatever the revision asked for."""
+    import shutil
+
+    import datasets
+
+    real = datasets.load_dataset
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    built = real("json", data_files=str(data), split="train", cache_dir=str(tmp_path / "build"))
+    namespace, name = repo.split("/")
+    copy = tmp_path / "hf" / f"{namespace}___{name.lower()}" / "default" / "0.0.0" / commit
+    shutil.copytree(Path(built.cache_files[0]["filename"]).parent, copy)
+    (copy / "json-train.arrow").rename(copy / f"{name.lower()}-train.arrow")
+
+    def load_dataset(path, *args, **kwargs):
+        return real(path, *args, cache_dir=str(tmp_path / "hf"), **kwargs)
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # sfn refuses these; datasets alone is kept off the hub
+        monkeypatch.setenv(var, "0")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+def test_builtin_task_records_the_commit_it_was_loaded_at(qwen2_base, tmp_path, monkeypatch, capsys):
+    """An unpinned built-in: the result names the hub commit its problems came from, and one line says how to pin
+    it; the pinned commit is confirmed, and a copy at another commit than the one pinned is refused."""
+    import datasets
+
+    from sfn_train.cli import main
+    from sfn_train.evaluation.tasks import load_task, loaded_commit
+
+    sha, other = "0f" * 20, "c" * 40
+    rows = [{"problem": f"What is {i}+1?", "answer": i + 1} for i in range(30)]
+    _cached_hub_copy(monkeypatch, tmp_path, "simplescaling/aime24_nofigures", rows, sha)
+    assert main(["eval", str(qwen2_base), "--task", "aime24_nofigures", "--out", str(tmp_path / "r.json"),
+                 "--limit", "1", "--max_new_tokens", "1", "--temperature", "0", "--grading-workers", "1"]) == 0
+    task = json.loads((tmp_path / "r.json").read_text())["task"]
+    assert (task["revision"], task["resolved_revision"], task["n_problems"]) == (None, sha, 1)
+    assert (f"note: task 'aime24_nofigures': loaded simplescaling/aime24_nofigures at commit {sha} (asked for the "
+            f"default branch); to load this copy again pass --task-revision aime24_nofigures={sha}.\n"
+            ) in capsys.readouterr().err
+    assert load_task("aime24_nofigures", revisions={"aime24_nofigures": sha}).resolved_revision == sha
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"note: task 'aime24_nofigures': loaded simplescaling/aime24_nofigures at the pinned commit {sha}.")
+    with pytest.raises(SfnError, match=f"asked for commit {other} of simplescaling/aime24_nofigures, but datasets "
+                                       f"loaded commit {sha}"):
+        load_task("aime24_nofigures", revisions={"aime24_nofigures": other})
+    in_memory = datasets.Dataset.from_list(rows)  # keeps no cache file: only a full commit asked for is known
+    assert (loaded_commit(in_memory), loaded_commit(in_memory, "main"), loaded_commit(in_memory, other)) == (
+        None, None, other)
 
 
 def test_gated_gpqa_says_how_to_get_access(tmp_path, monkeypatch, capsys):

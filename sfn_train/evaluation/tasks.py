@@ -24,6 +24,8 @@ import hashlib
 import json
 import os
 import random
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,7 @@ class Task:
     problems: list[dict]
     source: str
     revision: str | None = None  # the hub revision asked for (None: a local file, or the hub's default branch)
+    resolved_revision: str | None = None  # the hub commit the problems were loaded at (None: a local file, or unknown)
 
     def prompt(self, problem: dict) -> str:
         choices = problem.get("choices") or []
@@ -66,19 +69,22 @@ class Task:
     def describe(self) -> dict:
         digest = hashlib.sha256(json.dumps(self.problems, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         return {"name": self.name, "answer_type": self.answer_type, "template": self.template,
-                "source": self.source, "revision": self.revision, "n_problems": len(self.problems),
+                "source": self.source, "revision": self.revision,
+                "resolved_revision": self.resolved_revision, "n_problems": len(self.problems),
                 "problems_sha256": digest}
 
 
 @dataclass
 class TaskSpec:
-    """A registered task: a local file, or a hub loader for built-ins (`hub` = dataset id shown in errors)."""
+    """A registered task: a local file, or a hub copy for built-ins (`hub` = dataset id shown in errors, `hub_args`
+    = load_dataset's path, config and split, `loader` = hub rows -> problems)."""
 
     name: str
     answer_type: str
     template: str
     path: str | None = None
     hub: str | None = None
+    hub_args: tuple[str, ...] = ()
     loader: Callable[..., list[dict]] | None = field(default=None, repr=False)
     n_problems: int | None = None  # how many problems the benchmark has: a hub copy with another count is refused
     access: str | None = None  # how to get access to a gated hub dataset
@@ -126,34 +132,50 @@ def registered_tasks() -> list[str]:
 # Built-ins: hub rows -> {id, problem, answer, ...}
 
 
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 def _hub(dataset: str, *args, split: str, revision: str | None = None):
     from datasets import load_dataset
 
     return load_dataset(dataset, *args, split=split, revision=revision)
 
 
-def _load_aime24(revision=None) -> list[dict]:
-    rows = _hub("Maxwell-Jia/AIME_2024", split="train", revision=revision)
+def loaded_commit(rows, revision: str | None = None) -> str | None:
+    """The hub commit a `datasets.Dataset` was loaded at, or None when it cannot be told.
+
+    `datasets` resolves the revision asked for (a branch, a tag, None for the default branch) to a commit before it
+    downloads anything, and prepares the copy under `<cache>/<namespace>___<name>/<config>/<version>/<commit>/`: the
+    folder of the Dataset's cache files names the commit it was read from. This also holds when `datasets`, unable to
+    reach the hub, falls back to the newest copy in its cache, whatever the revision asked for. A revision asked for as
+    a full commit is that commit. Otherwise None: a Dataset held in memory keeps no file, and a cache layout older
+    than datasets 3 names no commit.
+    """
+    for entry in getattr(rows, "cache_files", None) or []:
+        folder = Path(entry["filename"]).parent.name
+        if COMMIT.fullmatch(folder):
+            return folder
+    return revision if revision and COMMIT.fullmatch(revision) else None
+
+
+def _aime24(rows) -> list[dict]:
     return [{"id": str(r["ID"]), "problem": r["Problem"], "answer": str(r["Answer"]), "solution": r.get("Solution")}
             for r in rows]
 
 
-def _load_aime24_nofigures(revision=None) -> list[dict]:
+def _aime24_nofigures(rows) -> list[dict]:
     """s1's AIME 2024 copy (its task aime24_nofigures): problems whose figures are described in text."""
-    rows = _hub("simplescaling/aime24_nofigures", split="train", revision=revision)
     return [{"id": str(r.get("id", i)), "problem": r["problem"], "answer": str(r["answer"]),
              "solution": r.get("solution")} for i, r in enumerate(rows)]
 
 
-def _load_math500(revision=None) -> list[dict]:
-    rows = _hub("HuggingFaceH4/MATH-500", split="test", revision=revision)
+def _math500(rows) -> list[dict]:
     return [{"id": r["unique_id"], "problem": r["problem"], "answer": r["answer"], "solution": r["solution"]}
             for r in rows]
 
 
-def _load_openai_math(revision=None) -> list[dict]:
+def _openai_math(rows) -> list[dict]:
     """s1's MATH-500 copy (its task openai_math): the 500 test problems of OpenAI's PRM800K split."""
-    rows = _hub("simplescaling/openaimath", split="test", revision=revision)
     return [{"id": str(r.get("unique_id", i)), "problem": r["problem"], "answer": str(r["answer"]),
              "solution": r.get("solution")} for i, r in enumerate(rows)]
 
@@ -163,8 +185,7 @@ def gsm8k_answer(solution: str) -> str:
     return solution.split("####")[-1].strip().replace(",", "")
 
 
-def _load_gsm8k(revision=None) -> list[dict]:
-    rows = _hub("openai/gsm8k", "main", split="test", revision=revision)
+def _gsm8k(rows) -> list[dict]:
     return [{"id": f"gsm8k-test-{i}", "problem": r["question"], "answer": gsm8k_answer(r["answer"]),
              "solution": r["answer"]} for i, r in enumerate(rows)]
 
@@ -181,8 +202,7 @@ def gpqa_choices(row: dict, index: int, seed: int = 0) -> tuple[list[str], str]:
     return [options[i] for i in order], LETTERS[order.index(0)]
 
 
-def _load_gpqa_diamond(revision=None) -> list[dict]:
-    rows = _hub("Idavidrein/gpqa", "gpqa_diamond", split="train", revision=revision)
+def _gpqa_diamond(rows) -> list[dict]:
     out = []
     for i, r in enumerate(rows):
         choices, letter = gpqa_choices(r, i)
@@ -193,16 +213,19 @@ def _load_gpqa_diamond(revision=None) -> list[dict]:
 
 GPQA_ACCESS = ("Idavidrein/gpqa is gated: accept its terms at https://huggingface.co/datasets/Idavidrein/gpqa, then "
                "log in (huggingface-cli login, or set HF_TOKEN)")
-for _name, _type, _hub_id, _loader, _n, _access in [
-    ("aime24", "math", "Maxwell-Jia/AIME_2024", _load_aime24, 30, None),  # the paper's Table 1 copy
-    ("aime24_nofigures", "math", "simplescaling/aime24_nofigures", _load_aime24_nofigures, 30, None),  # s1's
-    ("math500", "math", "HuggingFaceH4/MATH-500", _load_math500, 500, None),
-    ("openai_math", "math", "simplescaling/openaimath (test)", _load_openai_math, 500, None),  # s1's MATH-500
-    ("gsm8k", "math", "openai/gsm8k (main, test)", _load_gsm8k, 1319, None),
-    ("gpqa_diamond", "choice", "Idavidrein/gpqa (gpqa_diamond)", _load_gpqa_diamond, 198, GPQA_ACCESS),
+for _name, _type, _hub_id, _hub_args, _loader, _n, _access in [
+    ("aime24", "math", "Maxwell-Jia/AIME_2024", ("Maxwell-Jia/AIME_2024", "train"), _aime24, 30, None),  # the paper's
+    ("aime24_nofigures", "math", "simplescaling/aime24_nofigures", ("simplescaling/aime24_nofigures", "train"),
+     _aime24_nofigures, 30, None),  # s1's
+    ("math500", "math", "HuggingFaceH4/MATH-500", ("HuggingFaceH4/MATH-500", "test"), _math500, 500, None),
+    ("openai_math", "math", "simplescaling/openaimath (test)", ("simplescaling/openaimath", "test"), _openai_math, 500,
+     None),  # s1's MATH-500
+    ("gsm8k", "math", "openai/gsm8k (main, test)", ("openai/gsm8k", "main", "test"), _gsm8k, 1319, None),
+    ("gpqa_diamond", "choice", "Idavidrein/gpqa (gpqa_diamond)", ("Idavidrein/gpqa", "gpqa_diamond", "train"),
+     _gpqa_diamond, 198, GPQA_ACCESS),
 ]:
-    _REGISTRY[_name] = TaskSpec(_name, _type, DEFAULT_TEMPLATES[_type], hub=_hub_id, loader=_loader, n_problems=_n,
-                                access=_access)
+    _REGISTRY[_name] = TaskSpec(_name, _type, DEFAULT_TEMPLATES[_type], hub=_hub_id, hub_args=_hub_args,
+                                loader=_loader, n_problems=_n, access=_access)
 _register_packaged_tasks()
 
 
@@ -264,7 +287,8 @@ def load_task(name: str, *, task_files: dict[str, str] | None = None, answer_typ
             task = Task(name, kind, tmpl, read_problems(path, kind), str(path))
         else:
             revision = (revisions or {}).get(name)
-            task = Task(name, kind, tmpl, _from_hub(spec, revision), f"hub:{spec.hub}", revision)
+            problems, commit = _from_hub(spec, revision)
+            task = Task(name, kind, tmpl, problems, f"hub:{spec.hub}", revision, commit)
     elif _is_path(name):
         kind = answer_type or "math"
         task = Task(Path(name).stem, kind, template or DEFAULT_TEMPLATES[kind], read_problems(name, kind), str(name))
@@ -278,13 +302,16 @@ def load_task(name: str, *, task_files: dict[str, str] | None = None, answer_typ
     return task
 
 
-def _from_hub(spec: TaskSpec, revision: str | None = None) -> list[dict]:
+def _from_hub(spec: TaskSpec, revision: str | None = None) -> tuple[list[dict], str | None]:
+    """A built-in's problems from the hub, and the commit they were loaded at (None, said in one line, if unknown)."""
     how = (f"task {spec.name!r} needs its problems: pass --task-file {spec.name}=PATH.jsonl (rows {{id, problem, "
            f"answer}}) or set SFN_TASK_{spec.name.upper()}=PATH, or make the hub dataset {spec.hub} reachable")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise SfnError(how + " (the hub is switched off by HF_HUB_OFFLINE/HF_DATASETS_OFFLINE).")
     try:
-        problems = spec.loader(revision=revision)
+        *args, split = spec.hub_args
+        rows = _hub(*args, split=split, revision=revision)
+        problems, commit = spec.loader(rows), loaded_commit(rows, revision)
     except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: the fix is the same
         if spec.access and ("gated" in f"{type(exc).__name__} {exc}".lower() or "401" in str(exc)):
             raise SfnError(f"task {spec.name!r}: {spec.access}; or pass --task-file {spec.name}=PATH.jsonl.") from None
@@ -295,7 +322,26 @@ def _from_hub(spec: TaskSpec, revision: str | None = None) -> list[dict]:
         raise SfnError(f"task {spec.name!r}: {spec.hub}{f' at {revision}' if revision else ''} gave {len(problems)} "
                        f"problems, not the benchmark's {spec.n_problems}; pass --task-revision {spec.name}=REV of "
                        "the copy you mean, or --task-file.")
-    return problems
+    if commit and revision and COMMIT.fullmatch(revision) and commit != revision:
+        raise SfnError(f"task {spec.name!r}: asked for commit {revision} of {spec.hub}, but datasets loaded commit "
+                       f"{commit} (from its cache, when the hub was unreachable); make the hub reachable, or pass "
+                       f"--task-file {spec.name}=PATH.jsonl.")
+    _say_commit(spec, revision, commit)
+    return problems, commit
+
+
+def _say_commit(spec: TaskSpec, revision: str | None, commit: str | None) -> None:
+    """One line: the commit a built-in was loaded at and how to load it again, or that it is unknown."""
+    if commit is None:
+        print(f"warning: task {spec.name!r}: the hub commit of {spec.hub}{f' at {revision}' if revision else ''} "
+              "could not be told (datasets kept no cached copy naming it), so its result records resolved_revision "
+              f"null; pin a commit with --task-revision {spec.name}=SHA.", file=sys.stderr)
+    elif commit == revision:
+        print(f"note: task {spec.name!r}: loaded {spec.hub} at the pinned commit {commit}.", file=sys.stderr)
+    else:
+        asked = f"revision {revision}" if revision else "the default branch"
+        print(f"note: task {spec.name!r}: loaded {spec.hub} at commit {commit} (asked for {asked}); to load this copy "
+              f"again pass --task-revision {spec.name}={commit}.", file=sys.stderr)
 
 
 def write_problems(path: str | os.PathLike, problems: list[dict]) -> Path:
