@@ -75,16 +75,18 @@ def run_to_end(recipe: Path, processes: int, timeout: int = 600) -> str:
 
 
 def run_and_kill(recipe: Path, processes: int, out: Path, after: str, timeout: int = 600) -> None:
-    """Start the run in its own session; SIGKILL the whole process group once `out/after` exists."""
+    """Start the run in its own session; SIGKILL the whole process group once checkpoint `out/after` is complete
+    (`finished_step`: its trainer_state.json parses and every process's RNG state is there; a file that merely exists
+    can still be half-written when the kill lands)."""
     log = open(out.parent / "killed.log", "w")
     proc = subprocess.Popen(command(recipe, processes), stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(),
                             cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
-        while not (out / after).exists():
-            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {after} was written: " + \
+        while finished_step(out / after, processes) is None:
+            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {after} was saved: " + \
                 (out.parent / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"{after} was not written within {timeout} s"
+            assert time.monotonic() < deadline, f"{after} was not saved within {timeout} s"
             time.sleep(0.01)
     finally:
         # torchrun starts its workers in sessions of their own (torch.distributed.elastic, start_new_session=True):
@@ -125,7 +127,7 @@ def kill_and_resume(tmp_path, base, data, processes: int, **keys) -> None:
 
     out = tmp_path / "killed" / "out"
     recipe = train_recipe(tmp_path / "killed", base, data, **keys)
-    run_and_kill(recipe, processes, out, "checkpoint-10/trainer_state.json")
+    run_and_kill(recipe, processes, out, "checkpoint-10")
     # The kill really interrupted the run: no final weights, and the manifest is not marked complete.
     assert json.loads((out / "sfn_manifest.json").read_text())["status"] == "running"
     assert not (out / "sfn_plugin.safetensors").exists()
